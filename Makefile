@@ -1,0 +1,69 @@
+# Quick start:  make demo   (venv + install + demo dataset + a real precompute run)
+#               make test   (venv + install + lint + every test, slow ones included)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO_DIR ?= demo
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(VENV)/.installed
+
+# torch first, so that `pip install -e .` finds it satisfied: a torch that the base Python
+# already has (e.g. a CUDA build) is kept via --system-site-packages; otherwise the pinned
+# version is installed, and on a machine without an NVIDIA GPU we make sure it is a CPU
+# build (a plain `pip install torch` on Linux pulls several GB of CUDA libraries).
+$(VENV)/.installed: pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" 2>/dev/null; then \
+	    echo "keeping the torch of $(PYTHON): $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+	    $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(PIP) install "torch==$(TORCH_VERSION)"; \
+	  else \
+	    $(PIP) install --dry-run --quiet --report $(VENV)/torch-plan.json "torch==$(TORCH_VERSION)" && \
+	    if grep -q '"name": "nvidia-' $(VENV)/torch-plan.json; then \
+	      echo "no NVIDIA GPU: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+	      $(PIP) install --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	    else \
+	      $(PIP) install "torch==$(TORCH_VERSION)"; \
+	    fi; \
+	  fi; \
+	fi
+	$(PIP) install --quiet -e '.[test]'
+	@touch $@
+
+demo: install
+	$(PY) -m jobs.demo_data --output $(DEMO_DIR)/data --shards 4 --samples-per-shard 6
+	$(PY) -m jobs.precompute --config configs/demo.yaml \
+	  --input '$(DEMO_DIR)/data/shard-{000000..000003}.tar' --output $(DEMO_DIR)/latents
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Every test, the slow end-to-end ones included (CI runs this).
+test: lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The quick inner loop: skips the tests marked slow.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

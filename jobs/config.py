@@ -1,0 +1,183 @@
+"""The job's one typed config: nested dataclasses, strict about unknown keys, fingerprinted.
+
+A config comes from a YAML or JSON file (`--config`), then command-line overrides
+(`--set video.num_frames=33` and the few named flags of `jobs.precompute`). The resolved
+config is written to `DIR/job.json`; its fingerprint covers exactly the settings that change
+the latents, so a rerun with other settings is refused instead of mixing old and new files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Bumped whenever the bytes written for the same inputs and settings change.
+FORMAT_VERSION = 1
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class VAEConfig:
+    name: str = "flux-ae-tiny"  # a preset from `python -m jobs.precompute --list-vaes`
+    checkpoint: str | None = None  # safetensors file; None = random weights (tests, dry runs)
+    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU, float32 on CPU
+    sample: bool = True  # store a posterior sample (Open-Sora's default) instead of the mode
+    seed: int = 0  # per-sample posterior noise is seeded from (seed, key): reruns are identical
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int = 17  # frames taken from the start of each video
+    height: int = 256  # output size: resize to cover, then center crop
+    width: int = 256
+    # tar member suffixes taken as the video of a sample, in order of preference
+    extensions: list[str] = field(default_factory=lambda: ["mp4", "avi", "mkv", "mov", "webm", "m4v"])
+
+
+@dataclass
+class LatentConfig:
+    dtype: str = "float32"  # storage dtype of the latents (bfloat16 halves the size)
+    store_posterior: bool = False  # also store the unscaled posterior `mean` and `logvar`
+
+
+@dataclass
+class RunConfig:
+    address: str | None = None  # Ray cluster to join; None = RAY_ADDRESS, else an embedded one
+    workers: int = 0  # encoder actors; 0 = one per GPU (or per `cpus_per_worker` CPUs)
+    cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
+    batch_size: int = 4  # clips per encoder call
+    decode_threads: int = 2  # decoding threads per actor, overlapping with encoding
+    max_attempts: int = 3  # tries per shard when a worker dies or raises
+
+
+@dataclass
+class JobConfig:
+    input: list[str] = field(default_factory=list)  # shard paths, globs or brace patterns
+    output: str = ""
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    latents: LatentConfig = field(default_factory=LatentConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        """Raises ValueError for settings no run could use."""
+        if not self.input:
+            raise ValueError("no input given (--input SPEC)")
+        if not self.output:
+            raise ValueError("no output directory given (--output DIR)")
+        if self.vae.dtype not in (*DTYPES, "auto"):
+            raise ValueError(f"vae.dtype must be one of auto, {', '.join(DTYPES)}; got '{self.vae.dtype}'")
+        if self.latents.dtype not in DTYPES:
+            raise ValueError(f"latents.dtype must be one of {', '.join(DTYPES)}; got '{self.latents.dtype}'")
+        for name, value in [
+            ("video.num_frames", self.video.num_frames),
+            ("video.height", self.video.height),
+            ("video.width", self.video.width),
+            ("run.batch_size", self.run.batch_size),
+            ("run.decode_threads", self.run.decode_threads),
+            ("run.max_attempts", self.run.max_attempts),
+            ("run.cpus_per_worker", self.run.cpus_per_worker),
+        ]:
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1; got {value}")
+        if self.run.workers < 0:
+            raise ValueError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+        if not self.video.extensions:
+            raise ValueError("video.extensions is empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Reads a YAML/JSON config file (all keys optional) and applies `a.b=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = loaded or {}
+    config = from_dict(JobConfig, data)
+    for item in overrides or []:
+        apply_override(config, item)
+    return config
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Builds dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ValueError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, path)
+    if origin is list:
+        if isinstance(value, str):  # a single path or pattern where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{path}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{path}: expected a string, got {value!r}")
+    raise TypeError(f"{path}: unsupported config type {tp}")
+
+
+def apply_override(config: JobConfig, item: str) -> None:
+    """Applies one `section.key=value` override; the value is parsed as YAML (`17`, `true`, `[a, b]`)."""
+    dotted, sep, raw = item.partition("=")
+    if not sep or not dotted:
+        raise ValueError(f"override '{item}' is not of the form key=value (e.g. video.num_frames=33)")
+    *parents, leaf = dotted.strip().split(".")
+    target: Any = config
+    for i, part in enumerate(parents):
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ValueError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override '{item}'")
+        target = getattr(target, part)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    patch = from_dict(type(target), {leaf: value}, ".".join(parents))
+    setattr(target, leaf, getattr(patch, leaf))
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Short stable hash of the settings that determine the output bytes."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

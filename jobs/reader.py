@@ -1,0 +1,85 @@
+"""Read the samples of one input shard with webdataset's tar iterators.
+
+Reading is a short chain of webdataset stages (open URL -> expand tar -> group by key) with
+an explicit error policy: nothing is raised mid-shard; every problem is handed to `on_error`
+and reading goes on where it can, so the caller can turn each problem into an error row.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from webdataset import tariterators
+
+
+@dataclass
+class RawSample:
+    key: str
+    index: int  # position among the shard's samples
+    files: dict[str, bytes]  # lower-cased suffix -> member bytes
+
+
+class SampleError(ValueError):
+    """A sample that has no usable video; the message is its error row's reason."""
+
+
+def read_shard(source: str, on_error: Callable[[Exception], None]) -> Iterator[RawSample]:
+    """Yields the samples of one shard, in order.
+
+    Args:
+        source: Path or URL of the tar (anything webdataset's `gopen` opens).
+        on_error: Called with each read problem (missing file, truncated tar, duplicate
+            member); reading then continues with whatever comes next.
+    """
+
+    def handler(exn: Exception) -> bool:
+        on_error(exn)
+        return True
+
+    streams = tariterators.url_opener([{"url": source}], handler=handler)
+    files = tariterators.tar_file_expander(streams, handler=handler)
+    for index, sample in enumerate(tariterators.group_by_keys(files, handler=handler)):
+        members = {k: v for k, v in sample.items() if not k.startswith("__")}
+        yield RawSample(key=sample["__key__"], index=index, files=members)
+
+
+@dataclass
+class SampleParts:
+    video: bytes
+    caption: str | None
+    meta: str | None  # the `.json` member as text, if any
+
+
+def split_sample(sample: RawSample, video_extensions: list[str]) -> SampleParts:
+    """Finds a sample's video, caption (`.txt`, else the JSON's `caption`/`text`) and metadata.
+
+    Raises:
+        SampleError: No member has one of the video extensions, or the JSON is invalid.
+    """
+    video = next((sample.files[ext] for ext in video_extensions if ext in sample.files), None)
+    if video is None:
+        found = ", ".join(sorted(sample.files)) or "nothing"
+        raise SampleError(f"no video member (looked for {', '.join(video_extensions)}; found {found})")
+    meta_text, meta = None, None
+    if "json" in sample.files:
+        meta_text = sample.files["json"].decode("utf-8", errors="replace")
+        try:
+            meta = json.loads(meta_text)
+        except json.JSONDecodeError as e:
+            raise SampleError(f"invalid .json member: {e}") from e
+    caption = None
+    if "txt" in sample.files:
+        caption = sample.files["txt"].decode("utf-8", errors="replace").strip()
+    elif isinstance(meta, dict):
+        caption = _caption_from(meta)
+    return SampleParts(video=video, caption=caption, meta=meta_text)
+
+
+def _caption_from(meta: dict[str, Any]) -> str | None:
+    for field in ("caption", "text"):
+        if isinstance(meta.get(field), str):
+            return meta[field]
+    return None

@@ -1,0 +1,125 @@
+"""Input shard listing and the output name of each shard.
+
+A SPEC is a tar path, a directory (every `*.tar` below it), a glob (`data/*/part-*.tar`), a
+brace pattern (`data/shard-{000000..000099}.tar`), or a URL that webdataset can open
+(`pipe:aws s3 cp s3://bucket/shard-000001.tar -`, `https://...`). Each shard's output name
+is its path relative to the fixed part of its SPEC (the directory before the first pattern
+character), so the name is stable across reruns and `a/x.tar` and `b/x.tar` never collide.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+_PATTERN_CHARS = re.compile(r"[*?\[{]")
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Shard:
+    source: str  # what webdataset opens: a local path or a URL
+    name: str  # output name without suffix, e.g. "shard-000001" or "clips/part-3"
+
+    @property
+    def is_local(self) -> bool:
+        return not _URL.match(self.source)
+
+
+def list_shards(specs: list[str]) -> list[Shard]:
+    """Expands SPECs into shards, in order, without duplicates.
+
+    Raises:
+        ValueError: A SPEC matches nothing, a listed file is missing, or two shards would
+            get the same output name.
+    """
+    shards: dict[str, Shard] = {}
+    for spec in specs:
+        for shard in _expand(spec):
+            shards.setdefault(shard.source, shard)
+    by_name: dict[str, str] = {}
+    for shard in shards.values():
+        other = by_name.setdefault(shard.name, shard.source)
+        if other != shard.source:
+            raise ValueError(f"input shards {other} and {shard.source} would both be written as '{shard.name}'")
+    return list(shards.values())
+
+
+def _expand(spec: str) -> list[Shard]:
+    if _URL.match(spec):
+        urls = list(braceexpand(spec))
+        return [Shard(url, _url_name(url)) for url in urls]
+    root = _fixed_root(spec)
+    if os.path.isdir(spec):
+        paths = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True))
+        if not paths:
+            raise ValueError(f"no .tar files under directory {spec}")
+        root = spec
+    else:
+        paths = []
+        for item in braceexpand(spec):
+            if _PATTERN_CHARS.search(item):
+                matches = sorted(glob.glob(item, recursive=True))
+                if not matches:
+                    raise ValueError(f"input pattern {item} matches no file")
+                paths.extend(matches)
+            elif os.path.isfile(item):
+                paths.append(item)
+            else:
+                raise ValueError(f"input shard not found: {item}")
+    return [Shard(os.path.abspath(p), _local_name(p, root)) for p in paths]
+
+
+def _fixed_root(spec: str) -> str:
+    """The directory part of SPEC before its first pattern character."""
+    match = _PATTERN_CHARS.search(spec)
+    head = spec[: match.start()] if match else spec
+    return os.path.dirname(head)
+
+
+def _local_name(path: str, root: str) -> str:
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root or "."))
+    if rel.startswith(".."):
+        rel = os.path.basename(path)
+    return _strip_tar(rel.replace(os.sep, "/"))
+
+
+def _url_name(url: str) -> str:
+    # `pipe:aws s3 cp s3://b/x/shard-1.tar -` -> "shard-1"; `https://h/x/shard-1.tar` -> "shard-1"
+    candidates = [w for w in url.split() if ".tar" in w] or [url]
+    return _strip_tar(candidates[-1].rstrip("/").rsplit("/", 1)[-1].split("?")[0])
+
+
+def _strip_tar(name: str) -> str:
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def sample_key(member_name: str) -> str | None:
+    """webdataset's grouping key of a tar member: the path up to the first dot of its basename."""
+    head, _, base = member_name.rpartition("/")
+    stem = base.split(".", 1)[0]
+    if "." not in base or not stem:
+        return None
+    return f"{head}/{stem}" if head else stem
+
+
+def count_samples(path: str | Path) -> int:
+    """Number of distinct sample keys in a local tar, read from its headers only (for progress)."""
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isreg() and (key := sample_key(member.name)) is not None:
+                    keys.add(key)
+    except (tarfile.TarError, OSError, EOFError):
+        pass  # a damaged shard: count what is readable; the encoder reports the damage
+    return len(keys)

@@ -1,0 +1,115 @@
+"""Decode the start of a video with PyAV and shape it the way Open-Sora's dataset does.
+
+Frames are decoded one at a time and resized/cropped immediately, so memory is bounded by
+the clip, never by the video. Resize-to-cover uses float bilinear interpolation without
+antialiasing, the centre crop rounds like Open-Sora's `resize_crop_to_fill`, and pixels are
+mapped to [-1, 1] with mean 0.5 and std 0.5: the same numbers the trainer would compute.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import av
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class VideoError(ValueError):
+    """A video that cannot give the requested clip; the message is the error row's reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the video stream (before any resizing)."""
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int  # as reported by the container; 0 when unknown
+    duration: float  # seconds; 0.0 when unknown
+    codec: str
+
+
+@dataclass
+class Clip:
+    pixels: Tensor  # C T H W float32 in [-1, 1]
+    info: VideoInfo
+
+
+def read_clip(data: bytes, num_frames: int, height: int, width: int) -> Clip:
+    """Decodes the first `num_frames` frames of an encoded video and resizes/crops them.
+
+    Raises:
+        VideoError: The bytes are not a decodable video, it has no video stream, or it has
+            fewer than `num_frames` frames.
+    """
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.FFmpegError, ValueError, IndexError) as e:
+        raise VideoError(f"cannot open video ({len(data)} bytes): {_describe(e)}") from e
+    with container:
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            raise VideoError(f"no video stream (streams: {kinds})")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        info = _info(container, stream)
+        frames: list[Tensor] = []
+        try:
+            for frame in container.decode(stream):
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                frames.append(resize_crop(rgb.permute(2, 0, 1)[None], height, width)[0])
+                if len(frames) == num_frames:
+                    break
+        except (av.FFmpegError, ValueError) as e:
+            raise VideoError(f"decoding failed after {len(frames)} frames: {_describe(e)}") from e
+    if len(frames) < num_frames:
+        claimed = (
+            f" although the container claims {info.num_frames} (truncated file?)"
+            if info.num_frames > len(frames)
+            else ""
+        )
+        raise VideoError(f"too short: decoded {len(frames)} frames{claimed}, need {num_frames}")
+    pixels = torch.stack(frames, dim=1)  # C T H W
+    return Clip(pixels=pixels.mul_(2.0).sub_(1.0), info=info)
+
+
+def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
+    """Resizes uint8 `N C H W` frames to cover `height x width`, then crops the centre.
+
+    Returns float32 in [0, 1], like Open-Sora's `ToTensorVideo` followed by `ResizeCrop`.
+    """
+    x = frames.float().div_(255.0)
+    h, w = x.shape[-2:]
+    scale_h, scale_w = height / h, width / w
+    if scale_h > scale_w:  # height is the tight side; width overflows and is cropped
+        size = (height, round(w * scale_h))
+    else:
+        size = (round(h * scale_w), width)
+    if size != (h, w):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return x[..., top : top + height, left : left + width]
+
+
+def _info(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> VideoInfo:
+    rate = stream.average_rate or stream.guessed_rate or 0
+    if stream.duration is not None and stream.time_base is not None:
+        duration = float(stream.duration * stream.time_base)
+    else:
+        duration = (container.duration or 0) / av.time_base
+    return VideoInfo(
+        width=stream.codec_context.width,
+        height=stream.codec_context.height,
+        fps=float(rate),
+        num_frames=stream.frames or 0,
+        duration=duration,
+        codec=stream.codec_context.name,
+    )
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".strip()

@@ -1,0 +1,225 @@
+"""The encoder: turns one input shard into one committed latent shard.
+
+`ShardEncoder` is a plain class (the driver wraps it with `ray.remote`, one actor per GPU).
+It loads the VAE once, then for each shard streams samples out of the tar, decodes videos on
+a few threads while the model encodes the previous batch, and writes latents and metadata
+through `ShardWriter`. A sample that fails anywhere becomes an error row; only a failure of
+the worker itself (a crash, a full disk) fails the shard, which the driver then retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from jobs.config import JobConfig
+from jobs.latent_format import ShardWriter
+from jobs.reader import RawSample, SampleError, read_shard, split_sample
+from jobs.shards import Shard
+from jobs.video import Clip, VideoError, read_clip
+from vae import load_vae
+
+log = logging.getLogger(__name__)
+
+# Key of the rows that record shard-level read problems (missing file, truncated tar, ...).
+SHARD_ROW_KEY = "__shard__"
+
+
+@dataclass
+class Progress:
+    """Samples finished since the last report (sent while a shard is being encoded)."""
+
+    samples: int
+    frames: int
+
+
+@dataclass
+class ShardDone:
+    name: str
+    marker: dict[str, Any]
+    seconds: float
+    error_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Decoded:
+    raw: RawSample
+    fields: dict[str, Any]
+    clip: Clip | None = None
+    error: str | None = None
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """Seed of a sample's posterior noise: depends on the job seed and the key only."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def device_for_worker() -> torch.device:
+    # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU, so it is always cuda:0 here.
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+class ShardEncoder:
+    """Holds one VAE and encodes whole shards with it.
+
+    Args:
+        config: The resolved job config (`vae.dtype` already resolved from "auto").
+        root: Output directory.
+        constants: Column values shared by all rows (fingerprint, VAE identity).
+    """
+
+    def __init__(self, config: JobConfig, root: str, constants: dict[str, Any]) -> None:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        self.config = config
+        self.root = root
+        self.constants = constants
+        self.device = device_for_worker()
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.run.cpus_per_worker)
+        self.dtype = getattr(torch, config.vae.dtype)
+        self.latent_dtype = getattr(torch, config.latents.dtype)
+        self.model = load_vae(config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype)
+        self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
+
+    def ready(self) -> str:
+        """Returns the device in use (lets the driver wait for the model to be loaded)."""
+        return str(self.device)
+
+    def encode_shard(self, shard: Shard) -> Iterator[Progress | ShardDone]:
+        """Encodes one shard; yields progress, then a `ShardDone` once it is committed."""
+        start = time.perf_counter()
+        writer = ShardWriter(self.root, shard.name, shard.source, self.constants)
+        try:
+            yield from self._encode(shard, writer)
+            marker = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        reasons = [f"{r['key']}: {r['error']}" for r in writer.rows if r["status"] == "error"]
+        yield ShardDone(shard.name, marker, time.perf_counter() - start, reasons)
+
+    def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
+        read_errors: list[Exception] = []
+        window: deque[Future[_Decoded]] = deque()
+        batch: list[_Decoded] = []
+        seen: dict[str, int] = {}
+        depth = self.config.run.batch_size + 2 * self.config.run.decode_threads
+
+        def finish(item: _Decoded) -> Iterator[Progress]:
+            if item.error is not None:
+                writer.add_error(item.raw.key, item.raw.index, item.error, item.fields)
+                yield Progress(1, 0)
+                return
+            batch.append(item)
+            if len(batch) == self.config.run.batch_size:
+                yield self._flush(batch, writer)
+
+        for raw in read_shard(shard.source, read_errors.append):
+            if raw.key in seen:
+                reason = f"duplicate key (first at index {seen[raw.key]} of this shard)"
+                window.append(_done(_Decoded(raw, {}, error=reason)))
+            else:
+                seen[raw.key] = raw.index
+                window.append(self.pool.submit(self._decode, raw))
+            while len(window) > depth or (window and window[0].done()):
+                yield from finish(window.popleft().result())
+        while window:
+            yield from finish(window.popleft().result())
+        if batch:
+            yield self._flush(batch, writer)
+        for i, exn in enumerate(read_errors):
+            after = len(writer.rows)
+            writer.add_error(SHARD_ROW_KEY, -1 - i, f"tar read error after {after} samples: {_describe(exn)}")
+            yield Progress(0, 0)
+
+    def _decode(self, raw: RawSample) -> _Decoded:
+        v = self.config.video
+        fields: dict[str, Any] = {}
+        try:
+            parts = split_sample(raw, v.extensions)
+            fields.update(caption=parts.caption, meta=parts.meta)
+            clip = read_clip(parts.video, v.num_frames, v.height, v.width)
+        except (SampleError, VideoError) as e:
+            return _Decoded(raw, fields, error=str(e))
+        except Exception as e:  # an unexpected decoder failure must not take the shard down
+            return _Decoded(raw, fields, error=f"decode failed: {_describe(e)}")
+        info = clip.info
+        fields.update(
+            num_frames=clip.pixels.shape[1],
+            height=clip.pixels.shape[2],
+            width=clip.pixels.shape[3],
+            fps=info.fps,
+            src_width=info.width,
+            src_height=info.height,
+            src_num_frames=info.num_frames,
+            src_duration=info.duration,
+            codec=info.codec,
+        )
+        return _Decoded(raw, fields, clip=clip)
+
+    def _flush(self, batch: list[_Decoded], writer: ShardWriter) -> Progress:
+        """Encodes a batch (or, if that fails, each item alone) and writes the results."""
+        items = list(batch)
+        batch.clear()
+        try:
+            results = self._run_model(items)
+        except Exception as e:
+            if len(items) == 1:
+                results = [e]
+            else:
+                log.warning("batch of %d failed (%s); encoding one at a time", len(items), _describe(e))
+                results = [self._run_model_safely(item) for item in items]
+        frames = 0
+        for item, result in zip(items, results):
+            if isinstance(result, Exception):
+                writer.add_error(item.raw.key, item.raw.index, f"encode failed: {_describe(result)}", item.fields)
+            else:
+                writer.add(item.raw.key, item.raw.index, result, item.fields)
+                frames += item.fields["num_frames"]
+        return Progress(len(items), frames)
+
+    def _run_model_safely(self, item: _Decoded) -> dict[str, torch.Tensor] | Exception:
+        try:
+            return self._run_model([item])[0]
+        except Exception as e:
+            return e
+
+    @torch.inference_mode()
+    def _run_model(self, items: list[_Decoded]) -> list[dict[str, torch.Tensor]]:
+        assert all(item.clip is not None for item in items)
+        x = torch.stack([item.clip.pixels for item in items])  # type: ignore[union-attr]
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        seed = self.config.vae.seed
+        generators = [torch.Generator().manual_seed(sample_seed(seed, item.raw.key)) for item in items]
+        try:
+            z, posterior = self.model.encode(x, sample=self.config.vae.sample, generator=generators)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            raise
+        out = []
+        for i in range(len(items)):
+            tensors = {"latent": z[i]}
+            if self.config.latents.store_posterior and posterior is not None:
+                tensors.update(mean=posterior.mean[i], logvar=posterior.logvar[i])
+            out.append({k: v.to("cpu", self.latent_dtype) for k, v in tensors.items()})
+        return out
+
+
+def _done(value: _Decoded) -> Future[_Decoded]:
+    future: Future[_Decoded] = Future()
+    future.set_result(value)
+    return future
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

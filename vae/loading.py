@@ -1,0 +1,149 @@
+"""Build a VAE from a preset and load its weights from a safetensors file.
+
+Weights are only ever read from safetensors (no pickle). The model is built on the meta
+device and the checkpoint tensors are assigned in place, so loading costs one read of the
+file and no throwaway random initialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from vae.presets import VAEPreset, get_preset
+
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be used with the requested preset."""
+
+
+def load_vae(
+    name: str | VAEPreset,
+    checkpoint: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> nn.Module:
+    """Builds the preset's model, in eval mode with gradients off.
+
+    Args:
+        name: A preset name or preset.
+        checkpoint: A safetensors file whose keys match the model exactly (after stripping
+            the preset's known prefixes). Without one the weights are random, drawn from a
+            fixed `seed` so that every worker of a job gets the same model.
+        device: Where the weights go.
+        dtype: Parameter dtype.
+        seed: Seed of the random initialisation when there is no checkpoint.
+
+    Raises:
+        FileNotFoundError: The checkpoint does not exist.
+        CheckpointError: The file is not safetensors, or its keys or shapes do not match.
+    """
+    preset = get_preset(name) if isinstance(name, str) else name
+    device = torch.device(device)
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = preset.build(preset.params)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+    state = read_state_dict(checkpoint, device=device, prefixes=preset.key_prefixes)
+    with torch.device("meta"):
+        model = preset.build(preset.params)
+    check_keys(model, {k: tuple(v.shape) for k, v in state.items()}, preset.name, checkpoint)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a non-persistent buffer the model forgot to create on the real device
+        raise RuntimeError(f"{preset.name}: tensors left on the meta device after loading: {leftover}")
+    return model.eval().requires_grad_(False)
+
+
+def check_checkpoint(name: str | VAEPreset, checkpoint: str | os.PathLike[str]) -> None:
+    """Checks a checkpoint's keys and shapes against a preset, reading only the file header.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        CheckpointError: As `load_vae` would.
+    """
+    preset = get_preset(name) if isinstance(name, str) else name
+    path = _checked_path(checkpoint)
+    shapes = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                shapes[_strip(key, preset.key_prefixes)] = tuple(f.get_slice(key).get_shape())
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    with torch.device("meta"):
+        model = preset.build(preset.params)
+    check_keys(model, shapes, preset.name, path)
+
+
+def _checked_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: only safetensors checkpoints are loaded (pickle files can run code); "
+            "convert it once with safetensors.torch.save_file"
+        )
+    return path
+
+
+def read_state_dict(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    prefixes: Iterable[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Reads a safetensors file, stripping the first matching prefix from every key."""
+    path = _checked_path(path)
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                state[_strip(key, prefixes)] = f.get_tensor(key)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return state
+
+
+def _strip(key: str, prefixes: Iterable[str]) -> str:
+    for prefix in prefixes:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], name: str, path: str | os.PathLike[str]) -> None:
+    """Raises CheckpointError naming missing, unexpected and wrongly shaped keys."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(f"{k} {shapes[k]} != {expected[k]}" for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if missing or unexpected or wrong:
+        found = [("missing keys", missing), ("unexpected keys", unexpected), ("shapes (file != model)", wrong)]
+        parts = [f"{len(x)} {label}: {_some(x)}" for label, x in found if x]
+        raise CheckpointError(f"{path} does not fit VAE '{name}': " + "; ".join(parts))
+
+
+def _some(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file (the checkpoint identity recorded with every latent)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,71 @@
+"""Diagonal Gaussian posterior returned by the variational encoders."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Open-Sora and FLUX clamp the log-variance to this range before exponentiating.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+class DiagonalGaussianDistribution:
+    """A Gaussian with diagonal covariance, parameterised by an encoder's output.
+
+    Args:
+        parameters: Tensor whose channel dimension (dim 1) holds the mean followed by the
+            log-variance, e.g. `B 2C T H W`.
+        deterministic: Treat the distribution as a point mass at its mean.
+    """
+
+    def __init__(self, parameters: Tensor, deterministic: bool = False) -> None:
+        self.parameters = parameters
+        self.mean, logvar = parameters.chunk(2, dim=1)
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+        self.deterministic = deterministic
+        if deterministic:
+            self.std = torch.zeros_like(self.mean)
+            self.var = torch.zeros_like(self.mean)
+        else:
+            self.std = torch.exp(0.5 * self.logvar)
+            self.var = torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+        """Draws `mean + std * eps`.
+
+        Args:
+            generator: One generator for the whole batch, or one per batch item. A per-item
+                generator makes an item's sample independent of what else is in the batch,
+                which is what makes a resumed job produce the same latents as an
+                uninterrupted one. The noise is drawn on the generator's device and then
+                moved, so CPU generators give the same noise whatever device the model is on.
+        """
+        if generator is None or isinstance(generator, torch.Generator):
+            noise = _randn(self.mean.shape, generator)
+        else:
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {self.mean.shape[0]}")
+            noise = torch.stack([_randn(self.mean.shape[1:], g) for g in generator])
+        noise = noise.to(device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self, other: DiagonalGaussianDistribution | None = None) -> Tensor:
+        """KL divergence to `other` (a standard normal when None), summed over all but dim 0."""
+        if self.deterministic:
+            return torch.zeros(self.mean.shape[0], device=self.mean.device)
+        dims = list(range(1, self.mean.ndim))
+        if other is None:
+            return 0.5 * (self.mean.pow(2) + self.var - 1.0 - self.logvar).sum(dim=dims)
+        return 0.5 * (
+            (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+        ).sum(dim=dims)
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
