@@ -133,6 +133,7 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
         "video": dataclasses.asdict(config.video),
         "latents": dataclasses.asdict(config.latents),
     }
+    settings = json.loads(json.dumps(settings))  # as job.json will hold it (tuples -> lists)
     fp = fingerprint(settings)
     constants = {
         "fingerprint": fp,
@@ -215,8 +216,10 @@ def connect(address: str | None) -> bool:
     quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         ray.init(address=address, **quiet)
+        print(f"joined the Ray cluster at {address}", file=sys.stderr)
         return False
     ray.init(address="local", include_dashboard=False, **quiet)
+    print("started an embedded Ray cluster (give --address or RAY_ADDRESS to join one)", file=sys.stderr)
     return True
 
 

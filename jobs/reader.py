@@ -22,10 +22,6 @@ class RawSample:
     files: dict[str, bytes]  # lower-cased suffix -> member bytes
 
 
-class SampleError(ValueError):
-    """A sample that has no usable video; the message is its error row's reason."""
-
-
 def read_shard(source: str, on_error: Callable[[Exception], None]) -> Iterator[RawSample]:
     """Yields the samples of one shard, in order.
 
@@ -48,34 +44,36 @@ def read_shard(source: str, on_error: Callable[[Exception], None]) -> Iterator[R
 
 @dataclass
 class SampleParts:
-    video: bytes
+    video: bytes | None
     caption: str | None
     meta: str | None  # the `.json` member as text, if any
+    problem: str | None = None  # why the sample cannot be encoded (its error row's reason)
 
 
 def split_sample(sample: RawSample, video_extensions: list[str]) -> SampleParts:
     """Finds a sample's video, caption (`.txt`, else the JSON's `caption`/`text`) and metadata.
 
-    Raises:
-        SampleError: No member has one of the video extensions, or the JSON is invalid.
+    Never raises: a sample without a video member or with invalid JSON comes back with
+    `problem` set, and with whatever caption and metadata it does have, for its error row.
     """
-    video = next((sample.files[ext] for ext in video_extensions if ext in sample.files), None)
-    if video is None:
-        found = ", ".join(sorted(sample.files)) or "nothing"
-        raise SampleError(f"no video member (looked for {', '.join(video_extensions)}; found {found})")
+    problem = None
     meta_text, meta = None, None
     if "json" in sample.files:
         meta_text = sample.files["json"].decode("utf-8", errors="replace")
         try:
             meta = json.loads(meta_text)
         except json.JSONDecodeError as e:
-            raise SampleError(f"invalid .json member: {e}") from e
+            problem = f"invalid .json member: {e}"
     caption = None
     if "txt" in sample.files:
         caption = sample.files["txt"].decode("utf-8", errors="replace").strip()
     elif isinstance(meta, dict):
         caption = _caption_from(meta)
-    return SampleParts(video=video, caption=caption, meta=meta_text)
+    video = next((sample.files[ext] for ext in video_extensions if ext in sample.files), None)
+    if video is None:
+        found = ", ".join(sorted(sample.files)) or "nothing"
+        problem = f"no video member (looked for {', '.join(video_extensions)}; found {found})"
+    return SampleParts(video=video, caption=caption, meta=meta_text, problem=problem)
 
 
 def _caption_from(meta: dict[str, Any]) -> str | None:

@@ -22,7 +22,7 @@ import torch
 
 from jobs.config import JobConfig
 from jobs.latent_format import ShardWriter
-from jobs.reader import RawSample, SampleError, read_shard, split_sample
+from jobs.reader import RawSample, read_shard, split_sample
 from jobs.shards import Shard
 from jobs.video import Clip, VideoError, read_clip
 from vae import load_vae
@@ -144,11 +144,13 @@ class ShardEncoder:
     def _decode(self, raw: RawSample) -> _Decoded:
         v = self.config.video
         fields: dict[str, Any] = {}
+        parts = split_sample(raw, v.extensions)
+        fields.update(caption=parts.caption, meta=parts.meta)
+        if parts.problem is not None or parts.video is None:
+            return _Decoded(raw, fields, error=parts.problem)
         try:
-            parts = split_sample(raw, v.extensions)
-            fields.update(caption=parts.caption, meta=parts.meta)
             clip = read_clip(parts.video, v.num_frames, v.height, v.width)
-        except (SampleError, VideoError) as e:
+        except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
         except Exception as e:  # an unexpected decoder failure must not take the shard down
             return _Decoded(raw, fields, error=f"decode failed: {_describe(e)}")

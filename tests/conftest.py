@@ -1,0 +1,42 @@
+"""Shared fixtures: a real demo dataset (H.264 mp4 in tar shards) and one local Ray cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import ray
+
+from jobs.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
+from jobs.demo_data import write_demo_dataset
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One embedded Ray cluster for every in-process job run of the session."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Three shards of four real videos each (20-48 frames, 96-192 px)."""
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), shards=3, samples_per_shard=4, seed=0)
+
+
+def small_config(inputs: list[str], output: str | Path, **sections: dict) -> JobConfig:
+    """A job small enough for a CPU test: 8 frames at 64x64 through the tiny FLUX AE."""
+    config = JobConfig(
+        input=[str(i) for i in inputs],
+        output=str(output),
+        vae=VAEConfig(name="flux-ae-tiny"),
+        video=VideoConfig(num_frames=8, height=64, width=64),
+        latents=LatentConfig(),
+        run=RunConfig(batch_size=2, decode_threads=2),
+    )
+    for section, values in sections.items():
+        setattr(config, section, dataclasses.replace(getattr(config, section), **values))
+    return config

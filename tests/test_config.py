@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from jobs.config import JobConfig, fingerprint, load_config
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("vae:\n  name: flux-ae\nvideo:\n  num_frames: 33\ninput: data/x.tar\n")
+    config = load_config(path, ["video.height=128", "latents.dtype=bfloat16", "run.address=null"])
+    assert config.vae.name == "flux-ae"
+    assert config.video.num_frames == 33 and config.video.height == 128 and config.video.width == 256
+    assert config.input == ["data/x.tar"]  # a single string where a list is expected
+    assert config.latents.dtype == "bfloat16"
+    assert config.run.address is None
+
+
+def test_json_config(tmp_path):
+    path = tmp_path / "job.json"
+    path.write_text('{"video": {"width": 320}, "vae": {"sample": false}}')
+    config = load_config(path)
+    assert config.video.width == 320 and config.vae.sample is False
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("video.num_frame=3", "unknown config key 'video.num_frame' (did you mean 'num_frames'?)"),
+        ("vid.num_frames=3", "unknown config key 'vid'"),
+        ("video.num_frames=many", "video.num_frames: expected an integer"),
+        ("vae.sample=1", "vae.sample: expected true or false"),
+        ("video", "not of the form key=value"),
+    ],
+)
+def test_bad_overrides_are_named(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("video:\n  frames: 3\n")
+    with pytest.raises(ValueError, match="unknown config key 'video.frames'"):
+        load_config(path)
+
+
+def test_validate():
+    config = JobConfig(input=["x.tar"], output="out")
+    config.validate()
+    config.video.num_frames = 0
+    with pytest.raises(ValueError, match="video.num_frames must be at least 1"):
+        config.validate()
+    config.video.num_frames = 8
+    config.latents.dtype = "float64"
+    with pytest.raises(ValueError, match="latents.dtype must be one of"):
+        config.validate()
+
+
+def test_fingerprint_is_stable_and_order_free():
+    a = fingerprint({"video": {"num_frames": 17, "height": 256}, "vae": "x"})
+    b = fingerprint({"vae": "x", "video": {"height": 256, "num_frames": 17}})
+    assert a == b
+    assert a != fingerprint({"vae": "x", "video": {"height": 256, "num_frames": 33}})

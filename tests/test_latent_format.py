@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from safetensors.torch import load as load_safetensors
+
+from jobs.latent_format import (
+    SCHEMA,
+    ShardWriter,
+    iter_shard,
+    load_sample,
+    read_commit,
+    read_metadata,
+    remove_temporaries,
+)
+
+CONSTANTS = {"fingerprint": "f" * 16, "vae": "flux-ae-tiny", "scale_factor": 0.5, "shift_factor": 0.1}
+
+
+def _write(root, name="part-0", keys=("a", "dir/b", "c" * 150)):
+    writer = ShardWriter(root, name, f"/data/{name}.tar", CONSTANTS)
+    tensors = {}
+    for i, key in enumerate(keys):
+        tensors[key] = {"latent": torch.randn(4, 2, 3, 5, generator=torch.Generator().manual_seed(i))}
+        writer.add(key, i, tensors[key], {"caption": f"caption {i}", "num_frames": 8, "meta": '{"x": 1}'})
+    writer.add_error("broken", len(keys), "cannot open video", {"caption": "bad"})
+    return writer, tensors
+
+
+def test_commit_writes_all_files_and_no_temporaries(tmp_path):
+    writer, tensors = _write(tmp_path)
+    marker = writer.commit()
+    names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert names == ["_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]
+    assert marker["samples"] == 4 and marker["ok"] == 3 and marker["errors"] == 1 and marker["frames"] == 24
+    assert read_commit(tmp_path, "part-0") == marker
+
+
+def test_offsets_point_at_the_safetensors_bytes(tmp_path):
+    writer, tensors = _write(tmp_path)
+    writer.commit()
+    table = read_metadata(tmp_path)
+    assert table.schema.equals(SCHEMA)
+    rows = table.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error"]
+    for row in rows[:3]:
+        loaded = load_sample(tmp_path, row)
+        assert torch.equal(loaded["latent"], tensors[row["key"]]["latent"])
+        assert row["latent_shape"] == [4, 2, 3, 5] and row["latent_dtype"] == "float32"
+        assert row["shard"] == "latents/part-0.tar" and row["source"] == "/data/part-0.tar"
+        assert row["vae"] == "flux-ae-tiny" and row["scale_factor"] == 0.5
+    error = rows[3]
+    assert error["error"] == "cannot open video" and error["shard"] is None and error["offset"] is None
+    with pytest.raises(ValueError, match="has no latents"):
+        load_sample(tmp_path, error)
+
+
+def test_plain_webdataset_and_duckdb_read_the_output(tmp_path):
+    writer, tensors = _write(tmp_path)
+    writer.commit()
+    samples = list(wds.WebDataset(str(tmp_path / "latents" / "part-0.tar"), shardshuffle=False).decode())
+    assert [s["__key__"] for s in samples] == ["a", "dir/b", "c" * 150]
+    for s in samples:
+        assert torch.equal(load_safetensors(s["safetensors"])["latent"], tensors[s["__key__"]]["latent"])
+        assert s["json"]["latent_shape"] == [4, 2, 3, 5] and s["json"]["meta"] == {"x": 1}
+    assert [k for k, _ in iter_shard(tmp_path / "latents" / "part-0.tar")] == ["a", "dir/b", "c" * 150]
+    glob = f"{tmp_path}/**/*.parquet"
+    assert duckdb.sql(f"SELECT count(*) FROM '{glob}'").fetchall() == [(4,)]
+    assert duckdb.sql(f"SELECT count(*) FROM '{glob}' WHERE status = 'error'").fetchall() == [(1,)]
+
+
+def test_abort_and_crash_leave_nothing_visible(tmp_path):
+    writer, _ = _write(tmp_path)
+    writer.abort()
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    # A crash (no abort, no commit) leaves only hidden temporaries, which the next run removes.
+    _write(tmp_path, "part-1")
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
+    assert read_commit(tmp_path, "part-1") is None
+    assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.tar"))
+    assert remove_temporaries(tmp_path) == len(leftovers)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_commit_marker_is_checked_against_the_files(tmp_path):
+    writer, _ = _write(tmp_path)
+    writer.commit()
+    tar = tmp_path / "latents" / "part-0.tar"
+    tar.write_bytes(tar.read_bytes()[:-1024])  # a damaged shard is not "done"
+    assert read_commit(tmp_path, "part-0") is None
+
+
+def test_parquet_is_deterministic(tmp_path):
+    for sub in ("x", "y"):
+        writer, _ = _write(tmp_path / sub)
+        writer.commit()
+    for rel in ("latents/part-0.tar", "meta/part-0.parquet"):
+        assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
+    assert pq.read_schema(tmp_path / "x" / "meta" / "part-0.parquet").equals(SCHEMA)

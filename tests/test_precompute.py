@@ -1,0 +1,221 @@
+"""The precompute job end to end on a real local Ray cluster, real mp4s and real tar shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+import webdataset as wds
+from conftest import small_config
+from safetensors.torch import load as load_safetensors
+
+from jobs.demo_data import demo_sample, encode_video, synth_video, write_shard
+from jobs.latent_format import SCHEMA, load_sample, read_metadata
+from jobs.precompute import UsageError, main, run
+from jobs.reader import read_shard
+from jobs.video import read_clip
+from jobs.worker import sample_seed
+from vae import load_vae
+
+
+def _digests(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for sub in ("latents", "meta")
+        for p in sorted((root / sub).rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def clean_run(ray_cluster, demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "latents"
+    summary = run(small_config(demo_shards, out))
+    return out, summary
+
+
+def test_every_sample_is_encoded(clean_run, demo_shards):
+    out, summary = clean_run
+    assert summary.complete and summary.ok == 12 and summary.errors == 0 and summary.frames == 12 * 8
+    assert summary.shards_written == 3 and summary.shards_skipped == 0
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".lock")
+    assert files == sorted(
+        ["job.json", "manifest.json"]
+        + [f"{d}/shard-00000{i}.{ext}" for i in range(3) for d, ext in [("latents", "tar"), ("meta", "parquet")]]
+        + [f"_commits/shard-00000{i}.json" for i in range(3)]
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["ok"] == 12 and len(manifest["shards"]) == 3
+    job = json.loads((out / "job.json").read_text())
+    assert job["fingerprint"] == summary.fingerprint and job["settings"]["vae"]["name"] == "flux-ae-tiny"
+    assert job["config"]["video"]["num_frames"] == 8
+
+
+def test_output_is_readable_by_duckdb_pyarrow_and_webdataset(clean_run):
+    out, _ = clean_run
+    rows = duckdb.sql(f"SELECT * FROM '{out}/**/*.parquet' ORDER BY source, index").fetchall()
+    assert len(rows) == 12
+    files = sorted(str(p) for p in out.glob("**/*.parquet"))
+    table = pads.dataset(files, format="parquet").to_table()  # no schema given: the files agree
+    assert table.num_rows == 12 and table.schema.equals(SCHEMA)
+    assert pads.dataset(out / "meta", format="parquet").count_rows() == 12
+    row = table.to_pylist()[0]
+    assert row["status"] == "ok" and row["error"] is None
+    assert row["latent_shape"] == [16, 8, 8, 8] and row["latent_dtype"] == "float32"
+    assert (row["num_frames"], row["height"], row["width"]) == (8, 64, 64)
+    assert row["fps"] in (24.0, 25.0, 30.0) and row["caption"].endswith("moving over a soft gradient")
+    assert row["vae"] == "flux-ae-tiny" and row["vae_checkpoint_sha256"] == "random-init-seed-0"
+    assert row["scale_factor"] == pytest.approx(0.3611) and row["shift_factor"] == pytest.approx(0.1159)
+    keys = [s["__key__"] for s in wds.WebDataset(str(out / row["shard"]), shardshuffle=False)]
+    assert keys == [f"clip-{i:06d}" for i in range(4)]
+
+
+def test_latents_are_what_the_vae_gives(clean_run, demo_shards):
+    """Decode, encode with the same model and per-sample seed by hand: same numbers."""
+    out, _ = clean_run
+    rows = {r["key"]: r for r in read_metadata(out).to_pylist()}
+    model = load_vae("flux-ae-tiny")
+    for sample in list(read_shard(str(demo_shards[1]), print))[:2]:
+        clip = read_clip(sample.files["mp4"], 8, 64, 64)
+        gen = torch.Generator().manual_seed(sample_seed(0, sample.key))
+        with torch.inference_mode():
+            expected, _ = model.encode(clip.pixels[None], sample=True, generator=[gen])
+        stored = load_sample(out, rows[sample.key])["latent"]
+        torch.testing.assert_close(stored, expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rerun_skips_everything_and_changes_nothing(clean_run, demo_shards):
+    out, summary = clean_run
+    before = _digests(out)
+    again = run(small_config(demo_shards, out))
+    assert again.shards_skipped == 3 and again.shards_written == 0 and again.ok == 0
+    assert again.fingerprint == summary.fingerprint
+    assert _digests(out) == before
+
+
+def test_other_settings_are_refused_not_mixed(clean_run, demo_shards):
+    out, _ = clean_run
+    with pytest.raises(UsageError, match=r"other settings \(video.num_frames: 8 -> 16\)"):
+        run(small_config(demo_shards, out, video={"num_frames": 16}))
+
+
+def test_resume_redoes_only_uncommitted_shards(clean_run, demo_shards, tmp_path):
+    out, _ = clean_run
+    before = _digests(out)
+    # Simulate a crash while shard 1 was being written: no marker, a temporary left behind.
+    (out / "_commits" / "shard-000001.json").unlink()
+    (out / "meta" / "shard-000001.parquet").unlink()
+    (out / "latents" / ".shard-000001.tar.0123456789ab.tmp").write_bytes(b"partial")
+    summary = run(small_config(demo_shards, out))
+    assert summary.shards_written == 1 and summary.shards_skipped == 2 and summary.ok == 4
+    assert _digests(out) == before  # identical bytes, temporaries gone
+
+
+def test_broken_samples_become_error_rows(ray_cluster, tmp_path):
+    good = demo_sample(seed=0, index=0)
+    frames = synth_video(np.random.default_rng(1), 64, 64, 5, 24).frames
+    samples = [
+        ("ok-1", good),
+        ("garbage", {"mp4": b"\x00\x01 not a video" * 64, "txt": b"noise"}),
+        ("no-video", {"json": b'{"caption": "orphan"}'}),
+        ("short", {"mp4": encode_video(frames, 24), "txt": b"five frames"}),
+        ("cut", {"mp4": good["mp4"][: len(good["mp4"]) // 2], "txt": b"truncated"}),
+        ("ok-2", demo_sample(seed=0, index=1)),
+        ("ok-1", good),  # the same key again, not adjacent
+    ]
+    write_shard(tmp_path / "bad" / "shard-0.tar", samples)
+    write_shard(tmp_path / "bad" / "shard-1.tar", [(f"t{i}", demo_sample(0, i)) for i in range(3)])
+    whole = (tmp_path / "bad" / "shard-1.tar").read_bytes()
+    (tmp_path / "bad" / "shard-1.tar").write_bytes(whole[: len(whole) // 2])  # a truncated shard
+
+    out = tmp_path / "out"
+    summary = run(small_config([tmp_path / "bad" / "shard-{0..1}.tar"], out))
+    assert summary.complete  # error rows are not job failures
+    rows = read_metadata(out).to_pylist()
+    by = {(r["source"].rsplit("/", 1)[-1], r["index"]): r for r in rows}
+    status = {k: (r["key"], r["status"]) for k, r in by.items() if k[0] == "shard-0.tar"}
+    assert status == {
+        ("shard-0.tar", 0): ("ok-1", "ok"),
+        ("shard-0.tar", 1): ("garbage", "error"),
+        ("shard-0.tar", 2): ("no-video", "error"),
+        ("shard-0.tar", 3): ("short", "error"),
+        ("shard-0.tar", 4): ("cut", "error"),
+        ("shard-0.tar", 5): ("ok-2", "ok"),
+        ("shard-0.tar", 6): ("ok-1", "error"),
+    }
+    reasons = {by[("shard-0.tar", i)]["error"] for i in (1, 2, 3, 4, 6)}
+    assert any(r.startswith("cannot open video") for r in reasons)
+    assert any(r.startswith("no video member") for r in reasons)
+    assert "too short: decoded 5 frames, need 8" in reasons
+    assert "duplicate key (first at index 0 of this shard)" in reasons
+    assert by[("shard-0.tar", 2)]["caption"] == "orphan"
+    shard1 = [r for r in rows if r["source"].endswith("shard-1.tar")]
+    assert [r["status"] for r in shard1 if r["index"] >= 0][:1] == ["ok"]
+    assert any(r["key"] == "__shard__" and "tar read error" in r["error"] for r in shard1)
+    assert summary.ok == sum(r["status"] == "ok" for r in rows) and summary.errors == len(rows) - summary.ok
+
+
+def test_bf16_storage_with_posterior(ray_cluster, demo_shards, tmp_path):
+    config = small_config(demo_shards[:1], tmp_path / "out", latents={"dtype": "bfloat16", "store_posterior": True})
+    summary = run(config)
+    assert summary.ok == 4
+    row = read_metadata(tmp_path / "out").to_pylist()[0]
+    tensors = load_sample(tmp_path / "out", row)
+    assert sorted(tensors) == ["latent", "logvar", "mean"]
+    assert all(t.dtype == torch.bfloat16 and t.shape == (16, 8, 8, 8) for t in tensors.values())
+    assert row["latent_dtype"] == "bfloat16"
+    with open(tmp_path / "out" / row["shard"], "rb") as f:  # the byte range alone is a safetensors file
+        f.seek(row["offset"])
+        assert torch.equal(load_safetensors(f.read(row["size"]))["latent"], tensors["latent"])
+
+
+def test_main_prints_progress_and_summary(ray_cluster, demo_shards, tmp_path, capsys):
+    code = main(
+        ["--input", str(demo_shards[0]), "--output", str(tmp_path / "o"), "--set", "video.num_frames=4"]
+        + ["--set", "video.height=32", "--set", "video.width=32", "--workers", "1"]
+    )
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "4/4 samples 100.0%" in captured.err and "samples/s" in captured.err and "ETA" in captured.err
+    assert "4 ok, 0 errors, 16 frames encoded" in captured.out
+    assert f"output: {tmp_path / 'o'}" in captured.out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "error: no input given (--input SPEC)"),
+        (["--input", "{tmp}/nope-{{0..1}}.tar", "--output", "{tmp}/o"], "error: input shard not found: "),
+        (["--input", "{shard}", "--output", "{tmp}/o", "--vae", "sdxl"], "error: unknown VAE 'sdxl'; known: "),
+        (["--input", "{shard}", "--output", "{tmp}/o", "--set", "video.height=100"], "height 100 (must be a positive"),
+        (["--input", "{shard}", "--output", "{tmp}/o", "--checkpoint", "{tmp}/w.pt"], "error: checkpoint not found"),
+        (
+            ["--input", "{shard}", "--output", "{tmp}/o", "--set", "video.fps=3"],
+            "error: unknown config key 'video.fps'",
+        ),
+    ],
+)
+def test_unusable_arguments_exit_2_with_one_line(args, message, demo_shards, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, shard=demo_shards[0]) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_entrypoint_exit_status_and_list_vaes():
+    listing = subprocess.run([sys.executable, "-m", "jobs.precompute", "--list-vaes"], capture_output=True, text=True)
+    assert listing.returncode == 0
+    assert (
+        "flux-ae " in listing.stdout
+        and "1x8x8" in listing.stdout
+        and "scale_factor * (z - shift_factor)" in listing.stdout
+    )
+    bad = subprocess.run([sys.executable, "-m", "jobs.precompute", "--output", "x"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: no input given (--input SPEC)"
