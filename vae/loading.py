@@ -80,7 +80,8 @@ def check_checkpoint(name: str | VAEPreset, checkpoint: str | os.PathLike[str]) 
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                shapes[_strip(key, preset.key_prefixes)] = tuple(f.get_slice(key).get_shape())
+                name = _unique(_strip(key, preset.key_prefixes), key, shapes, path)
+                shapes[name] = tuple(f.get_slice(key).get_shape())
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     with torch.device("meta"):
@@ -105,23 +106,35 @@ def read_state_dict(
     device: str | torch.device = "cpu",
     prefixes: Iterable[str] = (),
 ) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file, stripping the first matching prefix from every key."""
+    """Reads a safetensors file, stripping the given prefixes from every key (see `_strip`)."""
     path = _checked_path(path)
     state = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                state[_strip(key, prefixes)] = f.get_tensor(key)
+                state[_unique(_strip(key, prefixes), key, state, path)] = f.get_tensor(key)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     return state
 
 
 def _strip(key: str, prefixes: Iterable[str]) -> str:
-    for prefix in prefixes:
-        if key.startswith(prefix):
-            return key[len(prefix) :]
+    """Strips known prefixes from the front of `key` for as long as one matches.
+
+    Nested wrappers stack up (`module.vae.encoder...`, `state_dict.vae.encoder...`), so one
+    pass is not enough.
+    """
+    prefixes = tuple(p for p in prefixes if p)
+    while prefix := next((p for p in prefixes if key.startswith(p)), None):
+        key = key[len(prefix) :]
     return key
+
+
+def _unique(name: str, key: str, seen: dict[str, object], path: str | os.PathLike[str]) -> str:
+    # Two file keys that strip to one name (`vae.x` and `x`) would silently overwrite each other.
+    if name in seen:
+        raise CheckpointError(f"{path}: key '{key}' and another key both map to '{name}' after stripping prefixes")
+    return name
 
 
 def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], name: str, path: str | os.PathLike[str]) -> None:

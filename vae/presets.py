@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from vae.autoencoder_2d import AutoEncoder2D, AutoEncoder2DParams
+from vae.causal_3d import AutoencoderKLCausal3D, Causal3DParams
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,35 @@ def _flux(name: str, params: AutoEncoder2DParams, checkpoint: str, notes: str) -
     )
 
 
+# Key prefixes of the HunyuanVideo / Open-Sora files. safetensors holds one flat dict, so a
+# training checkpoint's wrapping dict (`state_dict`, `module` of DDP) or the pipeline's `vae`
+# sub-model shows up as a key prefix; they are stripped repeatedly (`module.vae.x` -> `x`).
+_HUNYUAN_PREFIXES = ("state_dict.", "module.", "vae.")
+
+
+def _hunyuan(name: str, params: Causal3DParams, checkpoint: str, notes: str) -> VAEPreset:
+    return VAEPreset(
+        name=name,
+        family="causal_3d",
+        params=params,
+        build=AutoencoderKLCausal3D,
+        spatial_compression=params.spatial_compression_ratio,
+        temporal_compression=params.time_compression_ratio,
+        causal=True,
+        size_multiple=params.spatial_compression_ratio,
+        latent_channels=params.latent_channels,
+        variational=True,
+        scale_factor=params.scale_factor,
+        shift_factor=params.shift_factor,
+        scaling="latent = scale_factor * (z - shift_factor); z = latent / scale_factor + shift_factor",
+        checkpoint=checkpoint,
+        key_prefixes=_HUNYUAN_PREFIXES,
+        source="HunyuanVideo AutoencoderKLCausal3D config (Tencent/HunyuanVideo); Open-Sora v2 hunyuan_vae; "
+        "diffusers AutoencoderKLHunyuanVideo",
+        notes=notes,
+    )
+
+
 _PRESETS: dict[str, VAEPreset] = {
     p.name: p
     for p in (
@@ -162,6 +192,20 @@ _PRESETS: dict[str, VAEPreset] = {
             AutoEncoder2DParams(ch=32, num_res_blocks=1),
             "",
             "Narrow FLUX-AE for CPU tests and the demo (random or demo-trained weights).",
+        ),
+        _hunyuan(
+            "hunyuan-vae",
+            Causal3DParams(),
+            "hunyuan_vae.safetensors",
+            "HunyuanVideo causal 3D VAE (Open-Sora v2 'hunyuan_vae'); 246.5M params; frames 1+4k.",
+        ),
+        _hunyuan(
+            "hunyuan-vae-tiny",
+            # Same architecture and constants, narrow and shallow: for CPU tests. 32 groups
+            # still divide every width.
+            Causal3DParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1),
+            "",
+            "Narrow causal 3D VAE for CPU tests (random weights).",
         ),
     )
 }
