@@ -15,6 +15,7 @@ from torch import nn
 
 from vae.autoencoder_2d import AutoEncoder2D, AutoEncoder2DParams
 from vae.causal_3d import AutoencoderKLCausal3D, Causal3DParams
+from vae.dc_ae import DCAE, DCAEParams
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,54 @@ def _hunyuan(name: str, params: Causal3DParams, checkpoint: str, notes: str) -> 
     )
 
 
+def _dc_ae(name: str, params: DCAEParams, checkpoint: str, notes: str) -> VAEPreset:
+    s = params.scaling_factor
+    if s is None:
+        scale, scaling = 1.0, "latent = z (no scaling)"
+    else:
+        # Open-Sora divides by its scaling_factor (= std(z)) on encode, the reverse of the
+        # diffusers convention; in this preset's terms that is a multiplier of 1 / scaling_factor.
+        scale = 1.0 / s
+        scaling = (
+            f"latent = z / scaling_factor; z = latent * scaling_factor (Open-Sora convention, "
+            f"scaling_factor = {s}, i.e. scale_factor = 1/{s}, shift_factor = 0)"
+        )
+    return VAEPreset(
+        name=name,
+        family="dc_ae",
+        params=params,
+        build=DCAE,
+        spatial_compression=params.spatial_compression,
+        temporal_compression=params.temporal_compression,
+        causal=False,
+        size_multiple=params.spatial_compression,
+        latent_channels=params.latent_channels,
+        variational=False,
+        scale_factor=scale,
+        shift_factor=0.0,
+        scaling=scaling,
+        checkpoint=checkpoint,
+        source="Open-Sora v2 opensora/models/dc_ae (zoo entry dc-ae-f32t4c128); "
+        "scaling from configs/diffusion/train/high_compression.py",
+        notes=notes,
+    )
+
+
+# The scaling the stored latents carry is what Open-Sora's trainer is configured to feed its DC-AE
+# diffusion model: configs/diffusion/train/high_compression.py (the one diffusion config on this
+# VAE) sets scaling_factor=0.493, so latents are z / 0.493, about unit std (the maintainers define
+# the factor as std(z), hpcaitech/Open-Sora#838). Two parts of the release disagree, recorded in
+# the notes: configs/diffusion/inference/high_compression.py leaves the factor unset, and
+# scripts/diffusion/train.py replaces `encode` with the bare encoder, skipping the factor (for
+# the Hunyuan VAE that line would feed 32-channel posterior moments, so it reads as a bug).
+_DC_AE_SCALING = 0.493
+_DC_AE_NOTES = (
+    "Open-Sora v2 Video DC-AE (F32T4C128_AE.safetensors); 459.5M params, deterministic. "
+    "Stored latents are z / 0.493 as configured by Open-Sora's high_compression training config; "
+    "Open-Sora's inference config decodes without the factor and its released train.py calls the "
+    "bare encoder (no factor): multiply by 0.493 to get raw z."
+)
+
 _PRESETS: dict[str, VAEPreset] = {
     p.name: p
     for p in (
@@ -206,6 +255,28 @@ _PRESETS: dict[str, VAEPreset] = {
             Causal3DParams(block_out_channels=(32, 32, 64, 64), layers_per_block=1),
             "",
             "Narrow causal 3D VAE for CPU tests (random weights).",
+        ),
+        _dc_ae(
+            "dc-ae-f32t4c128",
+            DCAEParams(scaling_factor=_DC_AE_SCALING),
+            "F32T4C128_AE.safetensors",
+            _DC_AE_NOTES,
+        ),
+        _dc_ae(
+            "dc-ae-tiny",
+            # Same architecture and constants, narrow and shallow: for CPU tests (the golden
+            # fixture in tests/fixtures/dc_ae was made with the reference code at these sizes).
+            # The attention stages stay at >= 32 channels (one 32-dim head); stage 4->5 changes
+            # width across a temporal step, as the full model's 3->4 does.
+            DCAEParams(
+                latent_channels=16,
+                widths=(8, 8, 16, 32, 32, 64),
+                encoder_depths=(1, 2, 1, 1, 1, 1),
+                decoder_depths=(2, 1, 1, 1, 1, 1),
+                scaling_factor=_DC_AE_SCALING,
+            ),
+            "",
+            "Narrow video DC-AE for CPU tests (random weights or the golden fixture's).",
         ),
     )
 }
