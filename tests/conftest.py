@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,19 @@ def small_config(inputs: list[str], output: str | Path, **sections: dict) -> Job
     for section, values in sections.items():
         setattr(config, section, dataclasses.replace(getattr(config, section), **values))
     return config
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILLs every process of a session: the driver, the Ray daemons and the actors."""
+    for _ in range(50):
+        alive = []
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                if os.getsid(pid) == sid:
+                    os.kill(pid, signal.SIGKILL)
+                    alive.append(pid)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not alive:
+            return
+        time.sleep(0.1)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import kill_session
 
 from jobs.demo_data import write_demo_dataset
 
@@ -28,22 +27,6 @@ def _command(data, out):
         "--output",
         str(out),
     ]
-
-
-def _kill_session(sid):
-    """SIGKILLs every process of a session: the driver, the Ray daemons and the actors."""
-    for _ in range(50):
-        alive = []
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            try:
-                if os.getsid(pid) == sid:
-                    os.kill(pid, signal.SIGKILL)
-                    alive.append(pid)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if not alive:
-            return
-        time.sleep(0.1)
 
 
 def _files(root):
@@ -67,7 +50,7 @@ def test_killed_run_resumes_to_the_output_of_a_clean_run(tmp_path):
         if len(list((out / "_commits").glob("*.json"))) >= 2:
             break
         time.sleep(0.1)
-    _kill_session(first.pid)
+    kill_session(first.pid)
     first.wait()
     committed = {p.stem for p in (out / "_commits").glob("*.json")}
     assert 2 <= len(committed) < 6, f"expected an interrupted run, got {len(committed)} committed shards"
