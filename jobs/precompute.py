@@ -223,16 +223,40 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def make_actors(plan: Plan, count: int, gpus: float) -> list[Any]:
-    run = plan.config.run
-    options: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "max_restarts": 2, "max_concurrency": 1}
-    if gpus:
-        options["num_gpus"] = 1
-    remote = ray.remote(ShardEncoder).options(**options)
-    actors = [remote.remote(plan.config, str(plan.root), plan.constants) for _ in range(count)]
-    devices = ray.get([a.ready.remote() for a in actors])
-    log.info("%d encoder actors ready on %s", count, ", ".join(sorted(set(devices))))
-    return actors
+class EncoderPool:
+    """The encoder actors, each holding one VAE (on one GPU when the cluster has GPUs).
+
+    An actor that dies is not reused: it is killed and replaced by a fresh one, which loads
+    the model again. Replacements are bounded, so a node that kills every actor (a broken GPU,
+    a model that cannot load) ends the job instead of looping.
+    """
+
+    def __init__(self, plan: Plan, count: int, gpus: float) -> None:
+        run = plan.config.run
+        options: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "max_restarts": 0, "max_concurrency": 1}
+        if gpus:
+            options["num_gpus"] = 1
+        self._remote = ray.remote(ShardEncoder).options(**options)
+        self._args = (plan.config, str(plan.root), plan.constants)
+        self.replacements_left = count * run.max_attempts
+        self.actors = [self._remote.remote(*self._args) for _ in range(count)]
+        devices = ray.get([a.ready.remote() for a in self.actors])
+        log.info("%d encoder actors ready on %s", count, ", ".join(sorted(set(devices))))
+
+    def replace(self, actor: Any) -> Any | None:
+        """Kills a failed actor and returns a new one (None once replacements are used up)."""
+        ray.kill(actor, no_restart=True)
+        self.actors.remove(actor)
+        if self.replacements_left <= 0:
+            return None
+        self.replacements_left -= 1
+        fresh = self._remote.remote(*self._args)
+        self.actors.append(fresh)
+        return fresh
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
 
 
 def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
@@ -246,15 +270,15 @@ def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
     return max(1, min(n, pending))
 
 
-def schedule(plan: Plan, shards: list[Shard], actors: list[Any], bar: ProgressBar, summary: Summary) -> None:
+def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
     """Runs every shard on the actor pool; retries a shard whose worker failed."""
     queue = deque(shards)
     attempts: Counter[str] = Counter()
     counted: Counter[str] = Counter()  # samples reported so far by a shard's current attempt
     frames: Counter[str] = Counter()
-    idle = list(actors)
+    idle = list(pool.actors)
     running: dict[Any, tuple[Any, Shard]] = {}
-    while queue or running:
+    while running or (queue and idle):
         while idle and queue:
             actor, shard = idle.pop(), queue.popleft()
             attempts[shard.name] += 1
@@ -270,7 +294,10 @@ def schedule(plan: Plan, shards: list[Shard], actors: list[Any], bar: ProgressBa
                 continue
             except (ray.exceptions.RayError, OSError) as e:
                 del running[gen]
-                idle.append(actor)  # a dead actor is restarted by Ray (max_restarts)
+                if isinstance(e, ray.exceptions.RayActorError):
+                    actor = pool.replace(actor)  # the process died: the next attempt gets a fresh one
+                if actor is not None:
+                    idle.append(actor)
                 bar.update(samples=-counted.pop(shard.name, 0), frames=-frames.pop(shard.name, 0))
                 reason = _first_line(e)
                 if attempts[shard.name] < plan.config.run.max_attempts:
@@ -294,6 +321,8 @@ def schedule(plan: Plan, shards: list[Shard], actors: list[Any], bar: ProgressBa
                 summary.error_reasons += message.error_reasons
                 bar.update(shards=1)
         bar.update()
+    for shard in queue:  # only when every actor died and none could replace it
+        summary.failed[shard.name] = "no encoder actor left (each one died; see the Ray logs)"
 
 
 def _first_line(e: BaseException) -> str:
@@ -327,14 +356,13 @@ def run(config: JobConfig) -> Summary:
                     f"{total} samples, {n} workers, VAE {plan.config.vae.name} ({plan.config.vae.dtype})",
                     file=sys.stderr,
                 )
-                actors = make_actors(plan, n, resources.get("GPU", 0))
+                pool = EncoderPool(plan, n, resources.get("GPU", 0))
                 bar = ProgressBar(total, len(pending))
                 try:
-                    schedule(plan, pending, actors, bar, summary)
+                    schedule(plan, pending, pool, bar, summary)
                 finally:
                     bar.close()
-                    for actor in actors:
-                        ray.kill(actor)
+                    pool.shutdown()
             remove_temporaries(plan.root)
             if summary.complete:
                 write_manifest(plan)
