@@ -40,6 +40,7 @@ class VideoConfig:
     num_frames: int = 17  # frames taken from the start of each video
     height: int = 256  # output size: resize to cover, then center crop
     width: int = 256
+    adapt: bool = False  # fit num_frames/height/width down to what the VAE accepts, instead of refusing
     # tar member suffixes taken as the video of a sample, in order of preference
     extensions: list[str] = field(default_factory=lambda: ["mp4", "avi", "mkv", "mov", "webm", "m4v"])
 

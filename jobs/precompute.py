@@ -112,7 +112,22 @@ def check_config(config: JobConfig) -> list[Shard]:
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     v = config.video
-    preset.check_input(v.num_frames, v.height, v.width)
+    if v.adapt:
+        fitted = (preset.valid_num_frames(v.num_frames),) + tuple(
+            s - s % preset.size_multiple for s in (v.height, v.width)
+        )
+        if fitted != (v.num_frames, v.height, v.width) and all(fitted):
+            print(
+                f"video.adapt: {v.num_frames} frames {v.height}x{v.width} -> {fitted[0]} frames "
+                f"{fitted[1]}x{fitted[2]} (VAE '{preset.name}': frames {preset.frame_rule}, "
+                f"size x{preset.size_multiple})",
+                file=sys.stderr,
+            )
+            v.num_frames, v.height, v.width = fitted
+    try:
+        preset.check_input(v.num_frames, v.height, v.width)
+    except ValueError as e:
+        raise UsageError(f"{e}; or --set video.adapt=true to fit them") from None
     if config.vae.checkpoint is not None:
         config.vae.checkpoint = os.path.abspath(config.vae.checkpoint)
         check_checkpoint(preset, config.vae.checkpoint)
@@ -449,17 +464,20 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def print_presets() -> None:
-    header = (
-        f"{'name':<20} {'family':<16} {'compression (t,h,w)':<20} {'frames':<8} {'size':<8} {'channels':<9} scaling"
-    )
-    print(header)
+    """Prints every preset's frame, size and scaling rules (`--list-vaes`)."""
+    rows = [("name", "family", "t x h x w", "frames", "size", "channels", "scale", "shift", "checkpoint")]
     for p in list_presets():
         tc, sc = p.temporal_compression, p.spatial_compression
-        print(
-            f"{p.name:<20} {p.family:<16} {f'{tc}x{sc}x{sc}':<20} {p.frame_rule:<8} "
-            f"{f'x{p.size_multiple}':<8} {p.latent_channels:<9} {p.scaling} "
-            f"(scale {p.scale_factor}, shift {p.shift_factor})"
+        rows.append(
+            (p.name, p.family, f"{tc}x{sc}x{sc}", p.frame_rule, f"x{p.size_multiple}", str(p.latent_channels))
+            + (f"{p.scale_factor:.6g}", f"{p.shift_factor:.6g}", p.checkpoint or "-")
         )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print("\nscaling (z = the VAE's raw latent, latent = what is stored):")
+    for p in list_presets():
+        print(f"  {p.name}: {p.scaling}")
 
 
 def main(argv: list[str] | None = None) -> int:

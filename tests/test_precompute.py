@@ -209,6 +209,20 @@ def test_unusable_arguments_exit_2_with_one_line(args, message, demo_shards, tmp
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_frame_and_size_rules_refuse_or_adapt(ray_cluster, demo_shards, tmp_path, capsys):
+    base = ["--input", str(demo_shards[0]), "--output", str(tmp_path / "o"), "--vae", "hunyuan-vae-tiny"]
+    size = ["--set", "video.height=36", "--set", "video.width=44"]
+    assert main(base + ["--set", "video.num_frames=8"] + size) == 2
+    err = capsys.readouterr().err
+    assert "VAE 'hunyuan-vae-tiny' cannot encode 8 frames (the rule is T = 1+4k; e.g. 5 or 9)" in err
+    assert "height 36 (must be a positive multiple of 8)" in err and "--set video.adapt=true" in err
+    assert main(base + ["--set", "video.num_frames=8", "--set", "video.adapt=true"] + size) == 0
+    assert "video.adapt: 8 frames 36x44 -> 5 frames 32x40" in capsys.readouterr().err
+    row = read_metadata(tmp_path / "o").to_pylist()[0]
+    assert (row["num_frames"], row["height"], row["width"]) == (5, 32, 40)
+    assert row["latent_shape"] == [16, 2, 4, 5] and row["vae"] == "hunyuan-vae-tiny"
+
+
 def test_cli_entrypoint_exit_status_and_list_vaes():
     listing = subprocess.run([sys.executable, "-m", "jobs.precompute", "--list-vaes"], capture_output=True, text=True)
     assert listing.returncode == 0
