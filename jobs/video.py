@@ -39,8 +39,16 @@ class Clip:
     info: VideoInfo
 
 
-def read_clip(data: bytes, num_frames: int, height: int, width: int) -> Clip:
+def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: int = 0) -> Clip:
     """Decodes the first `num_frames` frames of an encoded video and resizes/crops them.
+
+    Args:
+        data: The encoded video file.
+        num_frames: Frames to take from the start.
+        height: Output height (resize to cover, then centre crop).
+        width: Output width.
+        threads: FFmpeg decoding threads (0 = FFmpeg's choice, one per core: too many when
+            several actors share a node).
 
     Raises:
         VideoError: The bytes are not a decodable video, it has no video stream, or it has
@@ -56,6 +64,7 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int) -> Clip:
             raise VideoError(f"no video stream (streams: {kinds})")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         info = _info(container, stream)
         frames: list[Tensor] = []
         try:

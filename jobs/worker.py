@@ -89,6 +89,8 @@ class ShardEncoder:
         self.latent_dtype = getattr(torch, config.latents.dtype)
         self.model = load_vae(config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype)
         self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
+        # The actor's CPUs are shared by its decoding threads.
+        self.ffmpeg_threads = max(1, config.run.cpus_per_worker // config.run.decode_threads)
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
@@ -149,7 +151,7 @@ class ShardEncoder:
         if parts.problem is not None or parts.video is None:
             return _Decoded(raw, fields, error=parts.problem)
         try:
-            clip = read_clip(parts.video, v.num_frames, v.height, v.width)
+            clip = read_clip(parts.video, v.num_frames, v.height, v.width, threads=self.ffmpeg_threads)
         except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
         except Exception as e:  # an unexpected decoder failure must not take the shard down
