@@ -95,6 +95,8 @@ class JobConfig:
             raise ValueError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
         if not self.video.extensions:
             raise ValueError("video.extensions is empty")
+        # webdataset lower-cases member suffixes, so the extensions are compared lower-cased.
+        self.video.extensions = [e.lower().lstrip(".") for e in self.video.extensions]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
