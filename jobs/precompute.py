@@ -3,6 +3,7 @@
     python -m jobs.precompute --input 'data/shard-{000000..000099}.tar' --output out/ --vae flux-ae \\
         --checkpoint weights/ae.safetensors [--config configs/job.yaml] [--set video.num_frames=33]
     ray job submit --working-dir . -- python -m jobs.precompute --input ... --output /shared/out ...
+    python -m jobs.precompute --input ... --output out/ --vae diffusers:/models/Wan2.1-T2V-1.3B-Diffusers/vae
     python -m jobs.precompute --list-vaes
 
 Each input shard becomes one latent tar plus one Parquet file under the output directory
@@ -44,7 +45,8 @@ from jobs.latent_format import (
 from jobs.progress import ProgressBar, format_seconds
 from jobs.shards import Shard, count_samples, list_shards
 from jobs.worker import Progress, ShardDone, ShardEncoder
-from vae import CheckpointError, check_checkpoint, file_sha256, get_preset, list_presets
+from vae import CheckpointError, check_checkpoint, checkpoint_sha256, get_preset, list_presets, resolve_name
+from vae.diffusers_vae import SUPPORTED_CLASSES
 
 log = logging.getLogger("jobs.precompute")
 
@@ -107,15 +109,16 @@ class Plan:
 def check_config(config: JobConfig) -> list[Shard]:
     """Validates settings that need no cluster; returns the input shards."""
     config.validate()
+    config.vae.name = resolve_name(config.vae.name)  # a diffusers folder's path made absolute for the workers
     try:
         preset = get_preset(config.vae.name)
-    except KeyError as e:
+    except (KeyError, ImportError) as e:  # ImportError: a diffusers folder without diffusers installed
         raise UsageError(e.args[0]) from None
     v = config.video
     preset.check_input(v.num_frames, v.height, v.width)
     if config.vae.checkpoint is not None:
         config.vae.checkpoint = os.path.abspath(config.vae.checkpoint)
-        check_checkpoint(preset, config.vae.checkpoint)
+    check_checkpoint(preset, config.vae.checkpoint)
     return list_shards(config.input)
 
 
@@ -124,8 +127,8 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
     if config.vae.dtype == "auto":
         config.vae.dtype = "bfloat16" if has_gpus else "float32"
     preset = get_preset(config.vae.name)
-    checkpoint = config.vae.checkpoint
-    sha = file_sha256(checkpoint) if checkpoint else f"random-init-seed-{config.vae.seed}"
+    checkpoint = config.vae.checkpoint or preset.weights or None  # a diffusers folder is its own checkpoint
+    sha = checkpoint_sha256(checkpoint) if checkpoint else f"random-init-seed-{config.vae.seed}"
     settings = {
         "format_version": FORMAT_VERSION,
         "vae": {**preset.describe(), "checkpoint_sha256": sha, "dtype": config.vae.dtype},
@@ -390,7 +393,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--input", action="append", metavar="SPEC", help="shard path, glob, brace pattern or URL (repeatable)"
     )
     p.add_argument("--output", metavar="DIR", help="output directory (rerun with the same one to resume)")
-    p.add_argument("--vae", metavar="NAME", help="VAE preset (see --list-vaes)")
+    p.add_argument("--vae", metavar="NAME", help="VAE preset (see --list-vaes), or diffusers:PATH (a model folder)")
     p.add_argument("--checkpoint", metavar="FILE", help="VAE weights (.safetensors)")
     p.add_argument("--config", metavar="FILE", help="YAML/JSON job config; flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. video.num_frames=33")
@@ -432,6 +435,8 @@ def print_presets() -> None:
             f"{f'x{p.size_multiple}':<8} {p.latent_channels:<9} {p.scaling} "
             f"(scale {p.scale_factor}, shift {p.shift_factor})"
         )
+    classes = ", ".join(SUPPORTED_CLASSES)
+    print(f"{'diffusers:PATH':<20} a local diffusers model folder (pip install -e '.[diffusers]'): {classes}")
 
 
 def main(argv: list[str] | None = None) -> int:
