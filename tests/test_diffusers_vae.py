@@ -385,6 +385,14 @@ def test_unusable_folders_are_refused_with_a_reason(folders, tmp_path):
             check()
         assert "encoder.extra.weight" in str(info.value)
 
+    state = load_file(folders["wan"] / "diffusion_pytorch_model.safetensors")
+    state["decoder.conv_in.bias"] = torch.zeros(5)
+    save_file(state, broken / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"decoder.conv_in.bias \(5,\) != \(8,\)"):
+        check_checkpoint(f"diffusers:{broken}")
+    with pytest.raises(CheckpointError, match="cannot load AutoencoderKLWan: .* size mismatch for decoder.conv_in"):
+        load_vae(f"diffusers:{broken}")
+
     weights = folders["wan"] / "diffusion_pytorch_model.safetensors"
     with pytest.raises(CheckpointError, match="is the checkpoint"):
         check_checkpoint(f"diffusers:{folders['wan']}", weights)

@@ -516,20 +516,28 @@ def load_diffusers_vae(
 
     cls = model_class(preset.params.class_name)
     # Without accelerate, from_pretrained initialises the weights randomly before loading them.
-    with torch.random.fork_rng(devices=[]):
-        model, info = cls.from_pretrained(
-            preset.weights,
-            local_files_only=True,
-            use_safetensors=True,
-            torch_dtype=dtype,
-            output_loading_info=True,
-            low_cpu_mem_usage=is_accelerate_available(),
-        )
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model, info = cls.from_pretrained(
+                preset.weights,
+                local_files_only=True,
+                use_safetensors=True,
+                torch_dtype=dtype,
+                output_loading_info=True,
+                low_cpu_mem_usage=is_accelerate_available(),
+            )
+    except (OSError, RuntimeError, ValueError) as e:  # e.g. shapes that do not fit: diffusers raises
+        raise CheckpointError(f"{preset.weights}: cannot load {preset.params.class_name}: {_one_line(e)}") from e
     problems = [(label, info.get(key) or []) for label, key in _LOADING_PROBLEMS]
     if any(keys for _, keys in problems):
         found = "; ".join(f"{len(keys)} {label}: {', '.join(map(str, keys[:6]))}" for label, keys in problems if keys)
         raise CheckpointError(f"{preset.weights} does not fit {preset.params.class_name}: {found}")
     return DiffusersVAE(model, preset.params).to(device).eval().requires_grad_(False)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2]) or type(e).__name__  # diffusers names the first problem on line 2
 
 
 _LOADING_PROBLEMS = (
