@@ -3,6 +3,7 @@
     python -m jobs.precompute --input 'data/shard-{000000..000099}.tar' --output out/ --vae flux-ae \\
         --checkpoint weights/ae.safetensors [--config configs/job.yaml] [--set video.num_frames=33]
     ray job submit --working-dir . -- python -m jobs.precompute --input ... --output /shared/out ...
+    python -m jobs.precompute --input ... --output out/ --vae diffusers:/models/Wan2.1-T2V-1.3B-Diffusers/vae
     python -m jobs.precompute --list-vaes
 
 Each input shard becomes one latent tar plus one Parquet file under the output directory
@@ -44,7 +45,8 @@ from jobs.latent_format import (
 from jobs.progress import ProgressBar, format_seconds
 from jobs.shards import Shard, count_samples, list_shards
 from jobs.worker import Progress, ShardDone, ShardEncoder
-from vae import CheckpointError, check_checkpoint, file_sha256, get_preset, list_presets
+from vae import CheckpointError, check_checkpoint, checkpoint_sha256, get_preset, list_presets, resolve_name
+from vae.diffusers_vae import SUPPORTED_CLASSES
 
 log = logging.getLogger("jobs.precompute")
 
@@ -107,9 +109,10 @@ class Plan:
 def check_config(config: JobConfig) -> list[Shard]:
     """Validates settings that need no cluster; returns the input shards."""
     config.validate()
+    config.vae.name = resolve_name(config.vae.name)  # a diffusers folder's path made absolute for the workers
     try:
         preset = get_preset(config.vae.name)
-    except KeyError as e:
+    except (KeyError, ImportError) as e:  # ImportError: a diffusers folder without diffusers installed
         raise UsageError(e.args[0]) from None
     v = config.video
     if v.adapt:
@@ -130,7 +133,7 @@ def check_config(config: JobConfig) -> list[Shard]:
         raise UsageError(f"{e}; or --set video.adapt=true to fit them") from None
     if config.vae.checkpoint is not None:
         config.vae.checkpoint = os.path.abspath(config.vae.checkpoint)
-        check_checkpoint(preset, config.vae.checkpoint)
+    check_checkpoint(preset, config.vae.checkpoint)
     return list_shards(config.input)
 
 
@@ -139,8 +142,8 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
     if config.vae.dtype == "auto":
         config.vae.dtype = "bfloat16" if has_gpus else "float32"
     preset = get_preset(config.vae.name)
-    checkpoint = config.vae.checkpoint
-    sha = file_sha256(checkpoint) if checkpoint else f"random-init-seed-{config.vae.seed}"
+    checkpoint = config.vae.checkpoint or preset.weights or None  # a diffusers folder is its own checkpoint
+    sha = checkpoint_sha256(checkpoint) if checkpoint else f"random-init-seed-{config.vae.seed}"
     settings = {
         "format_version": FORMAT_VERSION,
         "vae": {**preset.describe(), "checkpoint_sha256": sha, "dtype": config.vae.dtype},
@@ -433,7 +436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--input", action="append", metavar="SPEC", help="shard path, glob, brace pattern or URL (repeatable)"
     )
     p.add_argument("--output", metavar="DIR", help="output directory (rerun with the same one to resume)")
-    p.add_argument("--vae", metavar="NAME", help="VAE preset (see --list-vaes)")
+    p.add_argument("--vae", metavar="NAME", help="VAE preset (see --list-vaes), or diffusers:PATH (a model folder)")
     p.add_argument("--checkpoint", metavar="FILE", help="VAE weights (.safetensors)")
     p.add_argument("--config", metavar="FILE", help="YAML/JSON job config; flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. video.num_frames=33")
@@ -472,12 +475,15 @@ def print_presets() -> None:
             (p.name, p.family, f"{tc}x{sc}x{sc}", p.frame_rule, f"x{p.size_multiple}", str(p.latent_channels))
             + (f"{p.scale_factor:.6g}", f"{p.shift_factor:.6g}", p.checkpoint or "-")
         )
+    rows.append(("diffusers:PATH", "diffusers", "from config.json", "", "", "", "", "", "a model folder"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     print("\nscaling (z = the VAE's raw latent, latent = what is stored):")
     for p in list_presets():
         print(f"  {p.name}: {p.scaling}")
+    classes = ", ".join(SUPPORTED_CLASSES)
+    print(f"\ndiffusers:PATH takes a local folder of one of: {classes} (pip install -e '.[diffusers]')")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from vae.presets import VAEPreset, get_preset
+from vae.presets import DIFFUSERS_FAMILY, VAEPreset, get_preset
 
-_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
+PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl"}
 
 
 class CheckpointError(ValueError):
@@ -38,7 +38,8 @@ def load_vae(
         name: A preset name or preset.
         checkpoint: A safetensors file whose keys match the model exactly (after stripping
             the preset's known prefixes). Without one the weights are random, drawn from a
-            fixed `seed` so that every worker of a job gets the same model.
+            fixed `seed` so that every worker of a job gets the same model. A diffusers preset
+            loads its folder instead, and refuses a checkpoint.
         device: Where the weights go.
         dtype: Parameter dtype.
         seed: Seed of the random initialisation when there is no checkpoint.
@@ -48,6 +49,10 @@ def load_vae(
         CheckpointError: The file is not safetensors, or its keys or shapes do not match.
     """
     preset = get_preset(name) if isinstance(name, str) else name
+    if preset.family == DIFFUSERS_FAMILY:
+        from vae.diffusers_vae import load_diffusers_vae  # imports diffusers
+
+        return load_diffusers_vae(preset, checkpoint, device, dtype)
     device = torch.device(device)
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
@@ -67,14 +72,24 @@ def load_vae(
     return model.eval().requires_grad_(False)
 
 
-def check_checkpoint(name: str | VAEPreset, checkpoint: str | os.PathLike[str]) -> None:
+def check_checkpoint(name: str | VAEPreset, checkpoint: str | os.PathLike[str] | None = None) -> None:
     """Checks a checkpoint's keys and shapes against a preset, reading only the file header.
+
+    Without a checkpoint there is nothing to check (random weights), except for a diffusers
+    preset, whose folder is checked instead.
 
     Raises:
         FileNotFoundError: The file does not exist.
         CheckpointError: As `load_vae` would.
     """
     preset = get_preset(name) if isinstance(name, str) else name
+    if preset.family == DIFFUSERS_FAMILY:
+        from vae.diffusers_vae import check_diffusers_folder  # imports diffusers
+
+        check_diffusers_folder(preset, checkpoint)
+        return
+    if checkpoint is None:
+        return
     path = _checked_path(checkpoint)
     shapes = {}
     try:
@@ -93,7 +108,7 @@ def _checked_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix in _PICKLE_SUFFIXES:
+    if path.suffix in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path}: only safetensors checkpoints are loaded (pickle files can run code); "
             "convert it once with safetensors.torch.save_file"
@@ -151,6 +166,15 @@ def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]], name: str, 
 
 def _some(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+def checkpoint_sha256(path: str | os.PathLike[str]) -> str:
+    """The checkpoint identity recorded with every latent: of a file, or of a diffusers model folder."""
+    if os.path.isdir(path):
+        from vae.diffusers_vae import folder_sha256
+
+        return folder_sha256(path)
+    return file_sha256(path)
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

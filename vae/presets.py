@@ -7,6 +7,7 @@ and records them in its output metadata; nothing else retypes them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ class VAEPreset:
         checkpoint: File name of the public checkpoint this preset loads ("" for none).
         key_prefixes: Prefixes stripped from checkpoint keys before strict matching.
         source: Where the constants come from.
+        weights: A folder holding the preset's own weights and config (a diffusers model folder,
+            `diffusers:PATH`): it stands in for `--checkpoint`, which is refused, and is what the
+            job hashes as the checkpoint identity. "" for presets loaded from `--checkpoint`.
     """
 
     name: str
@@ -59,6 +63,7 @@ class VAEPreset:
     key_prefixes: tuple[str, ...] = ()
     source: str = ""
     notes: str = field(default="", compare=False)
+    weights: str = ""
 
     def frames_ok(self, num_frames: int) -> bool:
         if num_frames < 1:
@@ -282,12 +287,35 @@ _PRESETS: dict[str, VAEPreset] = {
 }
 
 
+# `--vae diffusers:PATH`: a preset made on the fly from a local diffusers model folder.
+DIFFUSERS_PREFIX = "diffusers:"
+DIFFUSERS_FAMILY = "diffusers"
+
+
 def get_preset(name: str) -> VAEPreset:
-    """Looks up a preset by name, with the known names in the error."""
+    """Looks up a preset by name, with the known names in the error.
+
+    `diffusers:PATH` builds the preset of a local diffusers model folder (see `vae.diffusers_vae`).
+    """
+    if name.startswith(DIFFUSERS_PREFIX):
+        from vae.diffusers_vae import diffusers_preset  # reads config.json; diffusers itself is not imported
+
+        return diffusers_preset(name[len(DIFFUSERS_PREFIX) :])
     try:
         return _PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown VAE '{name}'; known: {', '.join(sorted(_PRESETS))}") from None
+        known = ", ".join(sorted(_PRESETS))
+        raise KeyError(f"unknown VAE '{name}'; known: {known}, or {DIFFUSERS_PREFIX}PATH (a model folder)") from None
+
+
+def resolve_name(name: str) -> str:
+    """`name` as another process (a worker, maybe in another directory) must be given it.
+
+    The folder of `diffusers:PATH` becomes absolute; preset names are returned unchanged.
+    """
+    if name.startswith(DIFFUSERS_PREFIX):
+        return DIFFUSERS_PREFIX + os.path.abspath(os.path.expanduser(name[len(DIFFUSERS_PREFIX) :]))
+    return name
 
 
 def list_presets() -> list[VAEPreset]:
