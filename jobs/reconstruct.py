@@ -106,7 +106,7 @@ def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple
         raise UsageError(e.args[0]) from None
     recorded = job.settings["vae"]
     current = json.loads(json.dumps(preset.describe()))
-    changed = [k for k in current.keys() & recorded.keys() - _NOT_PRESET if current[k] != recorded[k]]
+    changed = [k for k in (current.keys() & recorded.keys()) - _NOT_PRESET if current[k] != recorded[k]]
     if changed:
         raise UsageError(f"VAE preset '{vae.name}' is not the one the job used (changed: {', '.join(sorted(changed))})")
     expected = recorded["checkpoint_sha256"]

@@ -104,6 +104,15 @@ def test_bad_input_is_one_line_and_exit_2(random_job, tmp_path, capsys):
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(2)}, other)
     fails(["--latents", str(random_job), "--checkpoint", str(other)], "is not the checkpoint these latents were")
+    job_file = random_job / "job.json"
+    original = job_file.read_text()
+    changed = json.loads(original)
+    changed["settings"]["vae"]["params"]["ch"] = 48
+    job_file.write_text(json.dumps(changed))
+    try:
+        fails(["--latents", str(random_job)], "VAE preset 'flux-ae-tiny' is not the one the job used (changed: params)")
+    finally:
+        job_file.write_text(original)
     shard = Path(read_metadata(random_job).to_pylist()[-1]["source"])
     shard.rename(shard.with_suffix(".moved"))
     try:
