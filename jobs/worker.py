@@ -87,7 +87,9 @@ class ShardEncoder:
             torch.set_num_threads(config.run.cpus_per_worker)
         self.dtype = getattr(torch, config.vae.dtype)
         self.latent_dtype = getattr(torch, config.latents.dtype)
-        self.model = load_vae(config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype)
+        self.model = load_vae(
+            config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
+        )
         self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
         # The actor's CPUs are shared by its decoding threads.
         self.ffmpeg_threads = max(1, config.run.cpus_per_worker // config.run.decode_threads)

@@ -28,18 +28,22 @@ class AutoEncoder2DParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    # GroupNorm groups. FLUX uses 32, i.e. 4 channels per group at its narrowest level (128).
+    # A narrower model needs fewer groups to keep that: with one channel per group the norm
+    # before `conv_out` removes each frame's mean colour, which the decoder cannot get back.
+    norm_groups: int = 32
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions; q/k/v/proj_out are 1x1 convs."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = _group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, kernel_size=1)
         self.k = nn.Conv2d(channels, channels, kernel_size=1)
         self.v = nn.Conv2d(channels, channels, kernel_size=1)
@@ -55,11 +59,11 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         # Only blocks that change width have a shortcut projection (and a checkpoint key).
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
@@ -93,11 +97,11 @@ class Upsample(nn.Module):
 
 
 class _MidBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -125,12 +129,12 @@ class Encoder(nn.Module):
         for level, width in enumerate(widths):
             blocks = []
             for _ in range(p.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, width))
+                blocks.append(ResnetBlock(block_in, width, p.norm_groups))
                 block_in = width
             last = level == len(widths) - 1
             self.down.append(_Level(blocks, None if last else Downsample(width), "downsample"))
-        self.mid = _MidBlock(block_in)
-        self.norm_out = _group_norm(block_in)
+        self.mid = _MidBlock(block_in, p.norm_groups)
+        self.norm_out = _group_norm(block_in, p.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -152,18 +156,18 @@ class Decoder(nn.Module):
         widths = [p.ch * m for m in p.ch_mult]
         block_in = widths[-1]
         self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, padding=1)
-        self.mid = _MidBlock(block_in)
+        self.mid = _MidBlock(block_in, p.norm_groups)
         # `up` is indexed by resolution level (0 = full resolution), as in the checkpoint,
         # but runs from the deepest level to level 0.
         levels: list[nn.Module] = []
         for level in reversed(range(len(widths))):
             blocks = []
             for _ in range(p.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, widths[level]))
+                blocks.append(ResnetBlock(block_in, widths[level], p.norm_groups))
                 block_in = widths[level]
             levels.insert(0, _Level(blocks, Upsample(block_in) if level > 0 else None, "upsample"))
         self.up = nn.ModuleList(levels)
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _group_norm(block_in, p.norm_groups)
         self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -243,7 +243,8 @@ _PRESETS: dict[str, VAEPreset] = {
         _flux(
             "flux-ae-tiny",
             # Same architecture and constants, narrow and shallow: for CPU tests and the demo.
-            AutoEncoder2DParams(ch=32, num_res_blocks=1),
+            # A quarter of the width with a quarter of the groups keeps FLUX's channels per group.
+            AutoEncoder2DParams(ch=32, num_res_blocks=1, norm_groups=8),
             "",
             "Narrow FLUX-AE for CPU tests and the demo (random or demo-trained weights).",
         ),

@@ -1,0 +1,366 @@
+"""Decode stored latents back to video and measure them against their source videos.
+
+    python -m jobs.reconstruct --latents demo/latents --output demo/reconstructions --limit 4
+    python -m jobs.reconstruct --latents DIR --output REPORT_DIR --keys clip-000003,clip-000010 \\
+        [--checkpoint FILE] [--device cpu|cuda] [--preview-frames 8]
+
+The VAE is rebuilt from what `DIR/job.json` recorded (preset, checkpoint and its sha256,
+compute dtype; random-init jobs from the same seed). Each sample's latents are read by
+seeking to their byte range, decoded, and saved like Open-Sora's `save_sample` (8 bit,
+H.264 crf 23; one frame as PNG) at the clip's fps. The source video is read again from the
+sample's input shard (each shard once) and decoded with the job's video settings, so the
+original is frame-aligned with the reconstruction. Written into REPORT_DIR:
+
+    videos/<key>.mp4      the reconstructions
+    previews/<key>.png    original frames (top row) over reconstructed ones (bottom row)
+    report.json           per-sample PSNR/SSIM and paths, means, the VAE used
+    report.md             the same as a table
+
+Metrics compare the clip the VAE was given (float, [0, 1]) with the reconstruction as the
+8-bit pixels handed to the video encoder (the H.264 file itself is for viewing): PSNR in dB
+over all pixels, frames and RGB channels; SSIM (`jobs.metrics`) on BT.601 luma, per frame,
+averaged over frames. Exit status: 0 done, 2 unusable input (not a latent dataset, unknown
+key, missing source shard or checkpoint, checkpoint with another sha256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from jobs.config import JobConfig, from_dict
+from jobs.latent_format import JOB_FILE, load_sample, read_metadata
+from jobs.media import preview_grid, save_clip, to_uint8, write_png
+from jobs.metrics import luma, psnr, ssim
+from jobs.reader import SampleError, read_shard, split_sample
+from jobs.video import VideoError, read_clip
+from vae import CheckpointError, file_sha256, get_preset, load_vae
+
+DEFAULT_LIMIT = 8
+SSIM_WINDOW = 11
+# Keys of the recorded VAE settings that are not part of the preset itself.
+_NOT_PRESET = {"checkpoint_sha256", "dtype"}
+
+
+class UsageError(ValueError):
+    """Input that cannot be reconstructed (exit status 2)."""
+
+
+@dataclass
+class Job:
+    root: Path
+    config: JobConfig
+    settings: dict[str, Any]
+    fingerprint: str
+
+
+@dataclass
+class SampleResult:
+    key: str
+    source: str
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    psnr: float
+    ssim: float | None  # None when the frames are smaller than the SSIM window
+    video: str  # relative to the report directory
+    preview: str
+
+
+def load_job(root: str | Path) -> Job:
+    """Reads `DIR/job.json`, the resolved config and settings of a precompute job."""
+    root = Path(root)
+    path = root / JOB_FILE
+    if not path.is_file():
+        raise UsageError(f"{root} is not a latent dataset (no {JOB_FILE})")
+    try:
+        data = json.loads(path.read_text())
+        config = from_dict(JobConfig, data["config"])
+        return Job(root, config, data["settings"], data["fingerprint"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{path} is not a precompute job file ({type(e).__name__}: {e})") from None
+
+
+def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, str]:
+    """The job's VAE with the job's weights; returns it and a description of the weights.
+
+    Raises:
+        UsageError: Unknown or changed preset, missing checkpoint, or a checkpoint whose sha256
+            is not the one recorded by the job.
+    """
+    vae = job.config.vae
+    try:
+        preset = get_preset(vae.name)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    recorded = job.settings["vae"]
+    current = json.loads(json.dumps(preset.describe()))
+    changed = [k for k in (current.keys() & recorded.keys()) - _NOT_PRESET if current[k] != recorded[k]]
+    if changed:
+        raise UsageError(f"VAE preset '{vae.name}' is not the one the job used (changed: {', '.join(sorted(changed))})")
+    expected = recorded["checkpoint_sha256"]
+    dtype = getattr(torch, recorded["dtype"])
+    path = checkpoint or vae.checkpoint
+    if path is None:
+        return load_vae(preset, None, device=device, dtype=dtype, seed=vae.seed), f"random init, seed {vae.seed}"
+    if not os.path.isfile(path):
+        hint = "" if checkpoint else " (the job's checkpoint; pass --checkpoint FILE if it moved)"
+        raise UsageError(f"checkpoint not found: {path}{hint}")
+    sha = file_sha256(path)
+    if sha != expected:
+        made_with = "random weights" if expected.startswith("random-init") else f"sha256 {expected[:12]}..."
+        raise UsageError(
+            f"{path} (sha256 {sha[:12]}...) is not the checkpoint these latents were made with ({made_with})"
+        )
+    try:
+        return load_vae(preset, path, device=device, dtype=dtype), f"{path} (sha256 {sha[:12]}...)"
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+
+
+def select_rows(root: Path, keys: list[str] | None, limit: int) -> list[dict[str, Any]]:
+    """The `ok` rows to reconstruct: those with the given keys, else the first `limit` (0 = all)."""
+    try:
+        rows = read_metadata(root).to_pylist()
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f"{root} has no readable metadata ({e})") from None
+    rows.sort(key=lambda r: (r["shard"] or "", r["index"]))
+    ok = [r for r in rows if r["status"] == "ok"]
+    if keys is None:
+        if not ok:
+            raise UsageError(f"{root} has no samples with status 'ok' ({len(rows)} rows)")
+        return ok[:limit] if limit else ok
+    chosen = []
+    for key in keys:
+        matches = [r for r in rows if r["key"] == key]
+        if not matches:
+            examples = ", ".join(r["key"] for r in ok[:3])
+            raise UsageError(f"unknown key '{key}' ({len(ok)} ok samples, e.g. {examples})")
+        if not any(r["status"] == "ok" for r in matches):
+            raise UsageError(f"sample '{key}' has no latents: {matches[0]['error']}")
+        chosen += [r for r in matches if r["status"] == "ok"]
+    return chosen
+
+
+def check_sources(sources: list[str]) -> None:
+    """Fails early, before any model work, if a local source shard is gone."""
+    for source in dict.fromkeys(sources):
+        if "://" not in source and not source.startswith("pipe:") and not os.path.isfile(source):
+            raise UsageError(f"source shard {source} is missing (moved or deleted since the job ran?)")
+
+
+def read_sources(rows: list[dict[str, Any]], extensions: list[str]) -> dict[tuple[str, str], bytes]:
+    """The source video bytes of each row, `(source, key) -> bytes`, reading each shard once."""
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        wanted.setdefault(row["source"], set()).add(row["key"])
+    check_sources(list(wanted))
+    videos = {}
+    for source, keys in wanted.items():
+        errors: list[Exception] = []
+        for raw in read_shard(source, errors.append):
+            if raw.key in keys:
+                try:
+                    videos[source, raw.key] = split_sample(raw, extensions).video
+                except SampleError as e:
+                    raise UsageError(f"sample '{raw.key}' of {source}: {e}") from None
+                if all((source, k) in videos for k in keys):
+                    break  # the rest of the shard is not needed
+        missing = sorted(k for k in keys if (source, k) not in videos)
+        if missing:
+            why = f"read error: {errors[0]}" if errors else "not in the shard; was it changed since the job ran?"
+            raise UsageError(f"source shard {source}: cannot find sample '{missing[0]}' ({why})")
+    return videos
+
+
+def stem_for(key: str, used: set[str]) -> str:
+    """A file name for a key: path separators flattened, made unique among `used`."""
+    base = key.replace("/", "__") or "sample"
+    stem, n = base, 1
+    while stem in used:
+        n += 1
+        stem = f"{base}-{n}"
+    used.add(stem)
+    return stem
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, latent: Tensor, device: torch.device) -> Tensor:
+    """Decodes one stored `C T H W` latent to a `C T H W` float32 clip on the CPU."""
+    dtype = next(model.parameters()).dtype
+    return model.decode(latent[None].to(device, dtype))[0].float().cpu()
+
+
+def measure(original: Tensor, recon: Tensor) -> tuple[float, float | None]:
+    """PSNR and mean per-frame luma SSIM of a reconstruction (both `C T H W` in [-1, 1])."""
+    ref = (original.float() + 1) / 2
+    rec = to_uint8(recon).float() / 255  # the pixels that are saved
+    score = psnr(rec, ref)
+    if min(ref.shape[-2:]) < SSIM_WINDOW:
+        return score, None
+    frames = ssim(luma(rec.transpose(0, 1)), luma(ref.transpose(0, 1)))  # T
+    return score, frames.mean().item()
+
+
+def reconstruct(
+    job: Job,
+    rows: list[dict[str, Any]],
+    model: nn.Module,
+    device: torch.device,
+    output: Path,
+    preview_frames: int,
+) -> list[SampleResult]:
+    """Decodes, saves, previews and measures every row."""
+    videos = read_sources(rows, job.config.video.extensions)
+    results, used = [], set()
+    for row in rows:
+        key = row["key"]
+        latent = load_sample(job.root, row)["latent"]
+        recon = decode(model, latent, device)
+        try:
+            clip = read_clip(videos[row["source"], key], row["num_frames"], row["height"], row["width"]).pixels
+        except VideoError as e:
+            raise UsageError(f"source video of '{key}' in {row['source']} cannot be decoded now: {e}") from None
+        if recon.shape != clip.shape:
+            shapes = f"reconstruction {tuple(recon.shape)}, clip {tuple(clip.shape)}"
+            raise RuntimeError(f"'{key}': the decoded latents do not match the source clip ({shapes})")
+        stem = stem_for(key, used)
+        video = save_clip(recon, output / "videos" / stem, row["fps"])
+        preview = output / "previews" / f"{stem}.png"
+        preview.parent.mkdir(parents=True, exist_ok=True)
+        write_png(preview, preview_grid(clip, recon, preview_frames))
+        score, structure = measure(clip, recon)
+        c, t, h, w = clip.shape
+        results.append(
+            SampleResult(
+                key=key,
+                source=row["source"],
+                num_frames=t,
+                height=h,
+                width=w,
+                fps=row["fps"],
+                psnr=score,
+                ssim=structure,
+                video=str(video.relative_to(output)),
+                preview=str(preview.relative_to(output)),
+            )
+        )
+        print(f"  {key}: PSNR {score:.2f} dB, SSIM {_fmt(structure, 4)}", file=sys.stderr)
+    return results
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isinf(x) else round(x, 4)
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    if x is None:
+        return "n/a"
+    return "inf" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def write_report(output: Path, job: Job, weights: str, device: torch.device, results: list[SampleResult]) -> dict:
+    """Writes `report.json` and `report.md`; returns the JSON content."""
+    mean_psnr, mean_ssim = _mean([r.psnr for r in results]), _mean([r.ssim for r in results])
+    report = {
+        "latents": str(job.root.resolve()),
+        "fingerprint": job.fingerprint,
+        "vae": job.config.vae.name,
+        "weights": weights,
+        "dtype": job.settings["vae"]["dtype"],
+        "device": str(device),
+        "metrics": {
+            "psnr": "dB over all pixels, frames and RGB channels in [0, 1]; null = identical",
+            "ssim": "BT.601 luma, 11x11 Gaussian window (sigma 1.5), per frame, mean over frames",
+            "compared": "the clip given to the VAE vs the 8-bit reconstruction (before H.264)",
+        },
+        "mean": {"psnr": _finite(mean_psnr), "ssim": _finite(mean_ssim)},
+        "samples": [{**asdict(r), "psnr": _finite(r.psnr), "ssim": _finite(r.ssim)} for r in results],
+    }
+    (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"# Reconstructions of `{report['latents']}`",
+        "",
+        f"VAE `{report['vae']}` ({report['dtype']} on {report['device']}), weights: {weights}",
+        "",
+        "PSNR over RGB; SSIM on luma, per frame, averaged. Previews: original frames on top, reconstruction below.",
+        "",
+        "| key | frames | size | fps | PSNR (dB) | SSIM | video | preview |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.key} | {r.num_frames} | {r.width}x{r.height} | {r.fps:g} | {_fmt(r.psnr, 2)} | "
+            f"{_fmt(r.ssim, 4)} | [{Path(r.video).name}]({r.video}) | [{Path(r.preview).name}]({r.preview}) |"
+        )
+    lines.append(f"| **mean** ({len(results)}) | | | | **{_fmt(mean_psnr, 2)}** | **{_fmt(mean_ssim, 4)}** | | |")
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+    return report
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.reconstruct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--latents", required=True, metavar="DIR", help="output directory of a precompute job")
+    p.add_argument("--output", required=True, metavar="REPORT_DIR", help="where videos, previews and reports go")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help="first N ok samples (0 = all)")
+    which.add_argument("--keys", metavar="K1,K2", help="comma-separated sample keys")
+    p.add_argument("--checkpoint", metavar="FILE", help="the job's VAE weights, if they moved (sha256 is checked)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--preview-frames", type=int, default=8, metavar="N", help="frames per preview row")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    try:
+        if args.limit < 0 or args.preview_frames < 1:
+            raise UsageError("--limit must be 0 or more and --preview-frames at least 1")
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but CUDA is not available")
+        job = load_job(args.latents)
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        rows = select_rows(job.root, keys, args.limit)
+        check_sources([r["source"] for r in rows])
+        model, weights = build_model(job, args.checkpoint, device)
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        print(f"reconstructing {len(rows)} samples of {job.root} with {job.config.vae.name}", file=sys.stderr)
+        results = reconstruct(job, rows, model, device, output, args.preview_frames)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = write_report(output, job, weights, device, results)
+    mean = report["mean"]
+    print(
+        f"{len(results)} samples in {time.monotonic() - started:.0f}s: "
+        f"mean PSNR {_fmt(_mean([r.psnr for r in results]), 2)} dB, "
+        f"mean SSIM {_fmt(mean['ssim'], 4)} (luma)\n"
+        f"report: {output / 'report.md'} (and report.json)\n"
+        f"videos: {output / 'videos'}/  previews: {output / 'previews'}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
