@@ -42,7 +42,7 @@ from jobs.config import JobConfig, from_dict
 from jobs.latent_format import JOB_FILE, load_sample, read_metadata
 from jobs.media import preview_grid, save_clip, to_uint8, write_png
 from jobs.metrics import luma, psnr, ssim
-from jobs.reader import SampleError, read_shard, split_sample
+from jobs.reader import read_shard, split_sample
 from jobs.video import VideoError, read_clip
 from vae import CheckpointError, file_sha256, get_preset, load_vae
 
@@ -170,11 +170,11 @@ def read_sources(rows: list[dict[str, Any]], extensions: list[str]) -> dict[tupl
     for source, keys in wanted.items():
         errors: list[Exception] = []
         for raw in read_shard(source, errors.append):
-            if raw.key in keys:
-                try:
-                    videos[source, raw.key] = split_sample(raw, extensions).video
-                except SampleError as e:
-                    raise UsageError(f"sample '{raw.key}' of {source}: {e}") from None
+            if raw.key in keys and (source, raw.key) not in videos:  # the first of duplicate keys was encoded
+                parts = split_sample(raw, extensions)
+                if parts.video is None:
+                    raise UsageError(f"sample '{raw.key}' of {source}: {parts.problem}")
+                videos[source, raw.key] = parts.video
                 if all((source, k) in videos for k in keys):
                     break  # the rest of the shard is not needed
         missing = sorted(k for k in keys if (source, k) not in videos)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import av
 import pytest
-import ray
 import torch
 from safetensors.torch import save_file
 
@@ -119,17 +118,6 @@ def test_bad_input_is_one_line_and_exit_2(random_job, tmp_path, capsys):
         fails(["--latents", str(random_job), "--limit", "0"], f"source shard {shard} is missing")
     finally:
         shard.with_suffix(".moved").rename(shard)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """An embedded Ray cluster for in-process precompute runs (left running if one already was)."""
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    if owned:
-        ray.shutdown()
 
 
 @pytest.mark.slow
