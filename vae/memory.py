@@ -1,0 +1,142 @@
+"""How much memory an encode or decode allocates: a shape-only estimate and a real measurement.
+
+The estimate runs the very code that would run for real, on the meta device (shapes only: no
+data, no arithmetic), and counts the bytes of the tensors alive at each moment; its peak is the
+activation memory of the call, derived from the architecture and the tiling plan together
+(widths, resolutions, which tensors each block keeps while the next is computed, conv caches,
+attention keys and values, blended tiles). Two things the trace cannot see are added by
+calibration factors measured on real runs: kernel workspaces and layout copies (oneDNN reorders
+activations into blocked layouts on CPU; cuDNN takes workspace on CUDA), and allocator rounding.
+
+Fused attention (FlashAttention on CUDA, the flash kernel on CPU) never holds the score matrix,
+but on the meta device `scaled_dot_product_attention` falls back to the math path that would;
+the trace models it as allocating its output only.
+
+Measurement (`measure_peak_bytes`) uses `torch.cuda.max_memory_allocated` on CUDA and, on CPU,
+the allocation events of `torch.profiler` (every allocation and free of the CPU allocator, in
+order), whose running sum peaks where the process's tensor memory did.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_iter
+
+T = TypeVar("T")
+
+# Measured peak / traced peak, by device type. CPU: the largest ratio seen over the tiny presets
+# of all three families, untiled and tiled (benchmarks/vae_memory.py prints both numbers).
+# CUDA: not measured in this repository yet (no GPU where it was written); cuDNN's conv3d
+# workspace and the caching allocator's 512-byte rounding are covered by a margin.
+CALIBRATION = {"cpu": 1.5, "cuda": 1.3}
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Counts the bytes of storages created inside the mode while they are alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._counted: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._counted.discard(key)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        # Outputs that share a storage with an input (views, in-place and out= ops) allocate nothing.
+        inputs = {id(t.untyped_storage()) for t in tree_iter((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_iter(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in inputs or key in self._counted:
+                continue
+            nbytes = storage.nbytes()
+            self._counted.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Replaces attention by an empty output of the right shape (what a fused kernel allocates)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is F.scaled_dot_product_attention:
+            q, _, v = args[:3]
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def traced_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes of the tensors that `fn` allocates, counted while it runs (meant for the meta device).
+
+    Tensors that exist before the call (weights, the input) are not counted; what `fn` returns
+    is, since it is allocated during the call.
+    """
+    with _FusedAttention(), _LiveBytes() as live:
+        fn()
+    return live.peak
+
+
+def measure_peak_bytes(fn: Callable[[], T], device: torch.device | str) -> tuple[T, int]:
+    """Runs `fn` and returns its result and the peak bytes it allocated above what was allocated before.
+
+    Args:
+        fn: The work to measure.
+        device: Where its tensors live: CUDA uses the caching allocator's statistics; CPU records
+            allocator events with `torch.profiler` (slower; for tests and benchmarks).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - base
+    if device.type != "cpu":
+        raise ValueError(f"cannot measure memory on {device}")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return result, peak
+
+
+def calibrated(traced: int, device: torch.device | str) -> int:
+    """A traced peak scaled by the device's calibration factor (see `CALIBRATION`)."""
+    return math.ceil(traced * CALIBRATION.get(torch.device(device).type, CALIBRATION["cuda"]))
+
+
+def available_bytes(device: torch.device | str, fraction: float = 0.9) -> float:
+    """A default budget: `fraction` of the free memory of a CUDA device, unbounded elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free * fraction
+    return math.inf
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
