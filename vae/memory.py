@@ -12,6 +12,12 @@ Fused attention (FlashAttention on CUDA, the flash kernel on CPU) never holds th
 but on the meta device `scaled_dot_product_attention` falls back to the math path that would;
 the trace models it as allocating its output only.
 
+Convolutions on CPU are modelled too, because there the workspace can dwarf the activations:
+for small float32 inputs (batch 1, N*C*D*H <= 20480, no groups, kernels up to 3) PyTorch
+prefers its native kernel, which unfolds the input into a C_in*k^3 x (output positions) buffer
+(`slow_conv3d`: 27x the input for a 3x3x3 conv); otherwise oneDNN copies the input into its
+blocked layout. Both were measured to the byte on torch 2.13 (see `_cpu_conv_workspace`).
+
 Measurement (`measure_peak_bytes`) uses `torch.cuda.max_memory_allocated` on CUDA and, on CPU,
 the allocation events of `torch.profiler` (every allocation and free of the CPU allocator, in
 order), whose running sum peaks where the process's tensor memory did.
@@ -32,20 +38,48 @@ from torch.utils._pytree import tree_iter
 
 T = TypeVar("T")
 
-# Measured peak / traced peak, by device type. CPU: the largest ratio seen over the tiny presets
-# of all three families, untiled and tiled (benchmarks/vae_memory.py prints both numbers).
-# CUDA: not measured in this repository yet (no GPU where it was written); cuDNN's conv3d
-# workspace and the caching allocator's 512-byte rounding are covered by a margin.
-CALIBRATION = {"cpu": 1.5, "cuda": 1.3}
+# Measured peak / traced peak, by device type. CPU: 0.87-1.14 over the tiny presets of all three
+# families, encode and decode, untiled, chunked and tiled (the table of benchmarks/vae_memory.py;
+# the rest is allocator and kernel detail). CUDA: not measured yet (no GPU where this was
+# written): cuDNN's workspace and the caching allocator's rounding are left to a wide margin
+# until `benchmarks/vae_memory.py` is run on a GPU.
+CALIBRATION = {"cpu": 1.2, "cuda": 1.5}
+
+
+def _cpu_conv_workspace(func: Any, args: Any) -> int:
+    """Scratch bytes a CPU convolution allocates while it runs (PyTorch's kernel choice, ConvUtils.h)."""
+    if func is not torch.ops.aten.convolution.default:
+        return 0
+    x, weight = args[0], args[1]
+    stride, groups = args[3], args[8]
+    if x.dtype != torch.float32:  # bf16/half go to oneDNN
+        return x.numel() * x.element_size()
+    kernel = weight.shape[2:]
+    n, c = x.shape[:2]
+    strided = any(s != 1 for s in stride)
+    onednn = (strided or n >= 16 or kernel[-1] != 1 or kernel[-2] != 1 or torch.get_num_threads() > 1) and (
+        groups > 1 or (kernel[-1] > 3 and kernel[-2] > 3) or n > 1 or math.prod(x.shape[:4]) > 20480
+    )
+    if onednn:  # a reorder of the input into the blocked layout
+        return x.numel() * x.element_size()
+    # Native kernel: one item at a time, its input unfolded to (C_in/groups * k...) x output positions.
+    padding = args[4]
+    out_positions = math.prod((n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], kernel, stride, padding))
+    return c // groups * math.prod(kernel) * out_positions * x.element_size()
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created inside the mode while they are alive."""
+    """Counts the bytes of storages created inside the mode while they are alive.
 
-    def __init__(self) -> None:
+    Args:
+        workspace: Scratch bytes an op holds while it runs, beside its inputs and outputs.
+    """
+
+    def __init__(self, workspace: Callable[[Any, Any], int] | None = None) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.workspace = workspace
         self._counted: set[int] = set()
 
     def _release(self, key: int, nbytes: int) -> None:
@@ -68,6 +102,8 @@ class _LiveBytes(TorchDispatchMode):
             self.live += nbytes
             self.peak = max(self.peak, self.live)
             weakref.finalize(storage, self._release, key, nbytes)
+        if self.workspace is not None:
+            self.peak = max(self.peak, self.live + self.workspace(func, args))
         return out
 
 
@@ -81,13 +117,14 @@ class _FusedAttention(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def traced_peak_bytes(fn: Callable[[], Any]) -> int:
+def traced_peak_bytes(fn: Callable[[], Any], device: str = "cuda") -> int:
     """Peak bytes of the tensors that `fn` allocates, counted while it runs (meant for the meta device).
 
     Tensors that exist before the call (weights, the input) are not counted; what `fn` returns
-    is, since it is allocated during the call.
+    is, since it is allocated during the call. `device` is where the real run would happen:
+    "cpu" adds the convolution scratch buffers of PyTorch's CPU kernels.
     """
-    with _FusedAttention(), _LiveBytes() as live:
+    with _FusedAttention(), _LiveBytes(_cpu_conv_workspace if device == "cpu" else None) as live:
         fn()
     return live.peak
 

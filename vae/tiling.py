@@ -31,6 +31,7 @@ item the same noise whatever the plan or the batch.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -483,7 +484,7 @@ def _auto_plan(
     sc, tc = preset.spatial_compression, preset.temporal_compression
 
     def cost(plan: TilePlan) -> int:
-        return calibrated(estimate_bytes(preset, shape, dtype, plan, encode), device)
+        return calibrated(estimate_bytes(preset, shape, dtype, plan, encode, device), device)
 
     def done(plan: TilePlan) -> TilePlan:
         estimate = cost(plan)
@@ -530,6 +531,11 @@ def _axis_ok(size: int, ratio: int, overlap: float, encode: bool) -> bool:
     return True
 
 
+def _extents(length: int, size: int, stride: int) -> list[int]:
+    """The distinct lengths of the tiles along an axis (full tiles and the shorter last ones)."""
+    return sorted({min(size, length - start) for start in range(0, length, stride)})
+
+
 def _valid_sizes(below: int, step: int, ok: Callable[[int], bool]) -> list[int]:
     """Multiples of `step` under `below` that `ok` accepts, ascending."""
     return [s for s in range(step, below, step) if ok(s)]
@@ -557,15 +563,81 @@ def _meta_model(preset: VAEPreset, dtype: torch.dtype) -> nn.Module:
 
 
 def estimate_bytes(
-    preset: VAEPreset, shape: Sequence[int], dtype: torch.dtype, plan: TilePlan = TilePlan(), encode: bool = True
+    preset: VAEPreset,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    plan: TilePlan = TilePlan(),
+    encode: bool = True,
+    device: str = "cuda",
 ) -> int:
-    """Peak activation bytes of `encode_video` (or `decode_video`) for `shape` under `plan`.
+    """Peak activation bytes of `encode_video` (or `decode_video`) for `shape` under `plan`, uncalibrated.
 
-    Traced on the meta device through the same code (see `vae/memory.py`), not calibrated:
-    `vae.memory.calibrated` adds the device's measured overhead.
+    The largest unit of work (the whole call if untiled; else one spatial tile of one temporal
+    tile, or the first two chunks of a causal stream, or one FLUX chunk) is traced on the meta
+    device through the same code (`vae/memory.py`). What outlives a unit is added from the
+    shapes: the assembled output, the tiles kept for blending, a stream's keys/values and
+    outputs for the frames after the traced ones, and the posterior tensors. Tracing costs
+    ~0.1 ms per op, so only a unit is traced (and each estimate is cached). `vae.memory.calibrated`
+    adds the device's overhead.
     """
+    return _estimate(preset, tuple(shape), dtype, replace(plan, estimated_bytes=None, fits=True), encode, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _estimate(preset: VAEPreset, shape: Shape, dtype: torch.dtype, plan: TilePlan, encode: bool, device: str) -> int:
     model = _meta_model(preset, dtype)
-    x = torch.empty(tuple(shape), device="meta", dtype=dtype)
+    b, c, t, h, w = shape
+    if plan.untiled:
+        x = torch.empty(tuple(shape), device="meta", dtype=dtype)
+        if encode:
+            return traced_peak_bytes(lambda: encode_video(model, preset, x, sample=True, tiling=plan), device)
+        return traced_peak_bytes(lambda: decode_video(model, preset, x, tiling=plan), device)
+
+    spatial, temporal = _geometry(preset, plan, encode)
+    tiled_t = temporal is not None and t > temporal.size - temporal.causal
+    tiled_s = spatial is not None and max(h, w) > spatial.size
+    unit_t = temporal.size if tiled_t else t
+    unit_h, unit_w = (min(h, spatial.size), min(w, spatial.size)) if tiled_s else (h, w)
+    streamed = plan.temporal == "chunks" and preset.family == "causal_3d"
+    if plan.temporal == "chunks":
+        step = plan.temporal_size * (preset.temporal_compression if encode else 1)
+        unit_t = min(t, 1 + 2 * step) if streamed else min(t, plan.temporal_size)
+    fn = _encode_fn(model, preset, plan) if encode else _decode_fn(model, preset, plan)
+
+    def trace(extent: tuple[int, int, int]) -> tuple[int, Tensor]:
+        x = torch.empty((b, c, *extent), device="meta", dtype=dtype)
+        result: list[Tensor] = []
+        return traced_peak_bytes(lambda: result.append(fn(x)), device), result[0]
+
+    peak, unit_out = trace((unit_t, unit_h, unit_w))
+    if device == "cpu":
+        # On CPU a shorter edge tile can cost more than a full one: below a size threshold
+        # PyTorch switches to a convolution with a much larger scratch buffer (vae/memory.py).
+        ts = _extents(t, temporal.size, temporal.stride) if tiled_t else [unit_t]
+        hs = _extents(h, spatial.size, spatial.stride) if tiled_s else [unit_h]
+        ws = _extents(w, spatial.size, spatial.stride) if tiled_s else [unit_w]
+        edges = {(ti, hi, wi) for ti in ts for hi in hs for wi in ws} - {(unit_t, unit_h, unit_w)}
+        peak = max([peak] + [trace(extent)[0] for extent in edges])
+    elem = unit_out.element_size()
+    sc = preset.spatial_compression
     if encode:
-        return traced_peak_bytes(lambda: encode_video(model, preset, x, sample=True, tiling=plan))
-    return traced_peak_bytes(lambda: decode_video(model, preset, x, tiling=plan))
+        out_extent = preset.latent_shape(t, h, w)[1:]
+    else:
+        out_extent = (_decoded_frames(preset, t), h * sc, w * sc)
+    per_position = unit_out.numel() // math.prod(unit_out.shape[2:]) * elem  # bytes per output position
+    held = per_position * math.prod(out_extent)  # the assembled output
+    unit_bytes = unit_out.numel() * elem
+    if tiled_t:  # the previous temporal tile, and the current one while it is assembled in space
+        held += 2 * unit_bytes * (out_extent[1] * out_extent[2]) // math.prod(unit_out.shape[3:])
+    if tiled_s:  # the row of tiles above and the current row
+        held += 2 * math.ceil(w / spatial.stride) * unit_bytes
+    if streamed:  # keys/values and outputs of the frames after the two traced chunks
+        latent_frames = t if not encode else out_extent[0]
+        later = latent_frames - ((unit_t - 1) // preset.temporal_compression + 1 if encode else unit_t)
+        latent_area = (unit_h // sc) * (unit_w // sc) if encode else unit_h * unit_w
+        kv = 2 * b * latent_area * preset.params.block_out_channels[-1] * elem
+        out_per_latent_frame = unit_bytes // unit_out.shape[2] * (1 if encode else preset.temporal_compression)
+        held += later * (kv * preset.params.mid_block_add_attention + out_per_latent_frame)
+    if encode and preset.variational:  # clamped log-variance, std, var, noise, sample, scaled latent
+        held += 3 * per_position * math.prod(out_extent)
+    return peak + held
