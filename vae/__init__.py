@@ -6,16 +6,24 @@ Nothing here knows about Ray, tar files or Parquet.
 from vae.loading import CheckpointError, check_checkpoint, file_sha256, load_vae, read_state_dict
 from vae.posterior import DiagonalGaussianDistribution
 from vae.presets import VAEPreset, get_preset, list_presets, register_preset
+from vae.tiling import TilePlan, TilingConfig, decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
 
 __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "DiagonalGaussianDistribution",
+    "TilePlan",
+    "TilingConfig",
     "VAEPreset",
+    "decode_video",
+    "encode_video",
+    "estimate_bytes",
     "file_sha256",
     "get_preset",
     "list_presets",
     "load_vae",
+    "plan_decode",
+    "plan_encode",
     "read_state_dict",
     "register_preset",
 ]

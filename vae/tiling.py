@@ -123,7 +123,7 @@ class TilePlan:
         spatial_tile: Pixels per side of a spatial tile; 0 for none. As in Open-Sora, tiling
             applies only to frames larger than the tile (on either side).
         overlap: Open-Sora's tile_overlap_factor, for spatial and temporal tiles.
-        norm: GroupNorm statistics of causal-VAE chunks.
+        norm: GroupNorm statistics of causal-VAE chunks (ignored by the other families).
         norm_passes: Passes for norm "clip".
         estimated_bytes: The estimate the plan was chosen with ("auto"), else None.
         fits: Whether that estimate was within the budget (False: the smallest plan was taken).
@@ -143,10 +143,11 @@ class TilePlan:
         return self.temporal == "none" and not self.spatial_tile
 
     def describe(self) -> str:
-        """A short text for logs and output metadata, e.g. "chunks of 8 latent frames (norm causal)"."""
+        """A short text for logs and metadata, e.g. "chunks of 8 latent frames (causal VAE: norm causal)"."""
         parts = []
         if self.temporal == "chunks":
-            parts.append(f"chunks of {self.temporal_size} latent frames (norm {self.norm})")
+            norm = f"norm {self.norm}" + (f" x{self.norm_passes}" if self.norm == "clip" else "")
+            parts.append(f"chunks of {self.temporal_size} latent frames (causal VAE: {norm})")
         elif self.temporal == "tiles":
             parts.append(f"temporal tiles of {self.temporal_size} frames, overlap {self.overlap}")
         if self.spatial_tile:
@@ -393,7 +394,10 @@ def decode_video(
     model: nn.Module, preset: VAEPreset, latent: Tensor, *, tiling: TilingConfig | TilePlan = TilingConfig()
 ) -> Tensor:
     """Decodes scaled latents `B C' T' h w` to video, split as `tiling` says (plans are on the video side)."""
-    plan = tiling if isinstance(tiling, TilePlan) else plan_decode(preset, tuple(latent.shape), latent.dtype, tiling)
+    if isinstance(tiling, TilePlan):
+        plan = tiling
+    else:
+        plan = plan_decode(preset, tuple(latent.shape), latent.dtype, tiling, latent.device)
     if plan.untiled:
         return model.decode(latent)
     sc = preset.spatial_compression
