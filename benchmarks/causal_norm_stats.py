@@ -1,6 +1,7 @@
 """How far each way of splitting the causal 3D VAE in time lands from the untiled encode.
 
-    OMP_NUM_THREADS=2 python benchmarks/causal_norm_stats.py --steps 400     # ~15 min on 2 CPU cores
+    OMP_NUM_THREADS=2 python benchmarks/causal_norm_stats.py              # ~25 min on 2 busy CPU cores
+    python benchmarks/causal_norm_stats.py --checkpoint hunyuan_vae.safetensors --size 256   # real weights, GPU
 
 The HunyuanVideo VAE normalises over all frames of a clip, so no split in time is exact. This
 compares, on the same long clip, the untiled posterior mean with:
@@ -9,13 +10,16 @@ compares, on the same long clip, the untiled posterior mean with:
   tiles that diffusers uses by default (same rule, smaller tiles);
 - exact streaming chunks (`vae/causal_3d_stream.py`) with each GroupNorm choice: "causal"
   (running statistics; the same for every chunk size), "chunk" (each chunk's own), and "clip"
-  (refined over extra passes).
+  (refined over extra passes);
+- for scale, Open-Sora's spatial tiles (tiles of half the frame) over the whole clip, which is
+  how Open-Sora's training config runs this VAE on frames larger than 256 px.
 
 Random weights make GroupNorm statistics meaningless (the latents of an untrained network are
 dominated by whatever the normalisation does), so by default a narrow model of the released
-depth is first fitted for `--steps` steps as a plain autoencoder on synthetic clips: smooth
-gradients drifting in colour with moving blobs, half of them with a scene cut. The test clip
-is 129 frames (Open-Sora's default length) with one cut. Numbers are the max and mean abs
+depth is first fitted for `--steps` steps as a plain autoencoder on 48x48 synthetic clips:
+smooth gradients drifting in colour with moving blobs, half of them with a scene cut (400
+steps only start to shape it: its reconstructions are still poor). The test clip is 129
+frames (Open-Sora's default length) at 128x128 with one cut. Numbers are the max and mean abs
 difference of the posterior mean, also relative to the std of the untiled mean.
 """
 
@@ -28,8 +32,8 @@ import time
 
 import torch
 
+from vae import VAEPreset, get_preset, load_vae
 from vae.causal_3d import AutoencoderKLCausal3D, Causal3DParams
-from vae.presets import VAEPreset, get_preset
 from vae.tiling import TilePlan, encode_video
 
 
@@ -67,9 +71,9 @@ def synthetic_video(batch: int, frames: int, size: int, seed: int, cut: int | No
 def fit(model: AutoencoderKLCausal3D, steps: int, size: int) -> None:
     """A few hundred steps of L1 reconstruction (through the posterior mean) on 17-frame clips."""
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
-    start = time.perf_counter()
+    start, device = time.perf_counter(), next(model.parameters()).device
     for step in range(steps):
-        x = synthetic_video(2, 17, size, seed=1000 + step, cut=None if step % 2 else 9)
+        x = synthetic_video(2, 17, size, seed=1000 + step, cut=None if step % 2 else 9).to(device)
         loss = (model.decoder(model.post_quant_conv(model.posterior(x).mode())) - x).abs().mean()
         opt.zero_grad()
         loss.backward()
@@ -80,6 +84,7 @@ def fit(model: AutoencoderKLCausal3D, steps: int, size: int) -> None:
 
 def compare(model: AutoencoderKLCausal3D, preset: VAEPreset, x: torch.Tensor, chunk: int) -> None:
     reference = encode_video(model, preset, x, sample=False)[1].mean
+    tile = x.shape[-1] // 2 // 32 * 32  # half the frame, a size Open-Sora's rule tiles evenly
     scale = reference.std().item()
     print(f"untiled posterior mean: std {scale:.4f}, max |.| {reference.abs().max().item():.4f}")
     plans = [
@@ -91,6 +96,7 @@ def compare(model: AutoencoderKLCausal3D, preset: VAEPreset, x: torch.Tensor, ch
             (f"chunks of {chunk}, norm clip x{p}", TilePlan("chunks", chunk, norm="clip", norm_passes=p))
             for p in (2, 3)
         ],
+        *([(f"Open-Sora spatial tiles {tile}px, whole clip", TilePlan(spatial_tile=tile))] if tile else []),
     ]
     print(f"{'split':38s} {'max|diff|':>10s} {'/std':>7s} {'mean|diff|':>11s} {'/std':>7s} {'time':>7s}")
     for label, plan in plans:
@@ -109,19 +115,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="fit steps before comparing (0: random weights)")
     parser.add_argument("--widths", default="16,32,64,64", help="block_out_channels (released: 128,256,512,512)")
     parser.add_argument("--groups", type=int, default=8, help="norm_num_groups (released: 32)")
-    parser.add_argument("--size", type=int, default=48, help="height and width of the clips")
+    parser.add_argument("--fit-size", type=int, default=48, help="height and width of the fitting clips")
+    parser.add_argument("--size", type=int, default=128, help="height and width of the test clip")
     parser.add_argument("--frames", type=int, default=129, help="frames of the test clip (1+4k)")
     parser.add_argument("--chunk", type=int, default=4, help="latent frames per chunk")
+    parser.add_argument("--checkpoint", default=None, help="hunyuan_vae.safetensors: the released model instead")
     args = parser.parse_args()
     torch.manual_seed(0)
-    params = Causal3DParams(
-        block_out_channels=tuple(int(w) for w in args.widths.split(",")), norm_num_groups=args.groups
-    )
-    model = AutoencoderKLCausal3D(params)
-    fit(model, args.steps, args.size)
-    model.eval().requires_grad_(False)
-    preset = dataclasses.replace(get_preset("hunyuan-vae"), name="hunyuan-vae-bench", params=params, checkpoint="")
-    compare(model, preset, synthetic_video(1, args.frames, args.size, seed=7, cut=args.frames // 2), args.chunk)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.checkpoint:
+        preset = get_preset("hunyuan-vae")
+        model = load_vae(preset, args.checkpoint, device=device)
+    else:
+        params = Causal3DParams(
+            block_out_channels=tuple(int(w) for w in args.widths.split(",")), norm_num_groups=args.groups
+        )
+        model = AutoencoderKLCausal3D(params).to(device)
+        fit(model, args.steps, args.fit_size)
+        model.eval().requires_grad_(False)
+        preset = dataclasses.replace(get_preset("hunyuan-vae"), name="hunyuan-vae-bench", params=params, checkpoint="")
+    x = synthetic_video(1, args.frames, args.size, seed=7, cut=args.frames // 2).to(device)
+    compare(model, preset, x, args.chunk)
 
 
 if __name__ == "__main__":

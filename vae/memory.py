@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -167,13 +167,13 @@ def calibrated(traced: int, device: torch.device | str) -> int:
 
 
 def available_bytes(device: torch.device | str, fraction: float = 0.9) -> float:
-    """A default budget: `fraction` of the free memory of a CUDA device, unbounded elsewhere."""
+    """A default budget: `fraction` of what this process could still allocate on a CUDA device
+    (free memory plus its allocator's unused reserve), rounded down to 256 MiB so that plans
+    cached by budget are reused from batch to batch. Unbounded elsewhere."""
     device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free * fraction
-    return math.inf
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    if device.type != "cuda":
+        return math.inf
+    free, _ = torch.cuda.mem_get_info(device)
+    unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    step = 256 * 2**20
+    return float(int((free + unused) * fraction) // step * step)
