@@ -5,10 +5,11 @@
 
 For each family and input shape it runs the untiled encode and a set of plans ("opensora" mode,
 exact chunks with each GroupNorm choice, "auto" under budgets of 1/2 and 1/8 of the untiled
-estimate) and prints: the plan, the measured peak (CUDA: `max_memory_allocated`; CPU: the
-allocator events of `torch.profiler`), the estimate `auto` plans with (before calibration)
-and measured/estimate, the time, and the max abs difference of the posterior mean (the
-DC-AE's latent) from the untiled one, next to the largest |value| of the untiled latent.
+estimate of the preset's shorter clip, the same budgets for the clip twice as long) and
+prints: the plan, the measured peak (CUDA: `max_memory_allocated`; CPU: the allocator events
+of `torch.profiler`), the estimate `auto` plans with (before calibration) and
+measured/estimate, the time, and the max abs difference of the posterior mean (the DC-AE's
+latent) from the untiled one, next to the largest |value| of the untiled latent.
 
 Weights are random (seeded) unless `--checkpoint-dir` holds the presets' checkpoint files, so
 the differences show what tiling does to a network, not to a trained one; see
@@ -28,20 +29,20 @@ from vae import DiagonalGaussianDistribution, VAEPreset, get_preset, load_vae
 from vae.memory import calibrated, measure_peak_bytes
 from vae.tiling import TilePlan, TilingConfig, encode_video, estimate_bytes, plan_encode
 
-# (preset, input shape B C T H W) per device. CPU shapes are small enough for two cores;
-# GPU shapes are what the job stores (the untiled run must still fit, for the comparison).
+# (preset, input shapes B C T H W) per device: the same frame at two clip lengths, so that the
+# auto rows (whose budgets are fixed per preset from the first shape) show the peak staying put
+# while the untiled peak doubles. CPU shapes suit two cores; GPU shapes are what the job stores
+# (the untiled run must still fit, for the comparison).
 CASES = {
     "cpu": [
-        ("flux-ae-tiny", (1, 3, 16, 128, 128)),
-        ("hunyuan-vae-tiny", (1, 3, 65, 64, 64)),
-        ("hunyuan-vae-tiny", (1, 3, 129, 64, 64)),
-        ("dc-ae-tiny", (1, 3, 64, 128, 128)),
+        ("flux-ae-tiny", [(1, 3, 8, 128, 128), (1, 3, 16, 128, 128)]),
+        ("hunyuan-vae-tiny", [(1, 3, 65, 64, 64), (1, 3, 129, 64, 64)]),
+        ("dc-ae-tiny", [(1, 3, 32, 128, 128), (1, 3, 64, 128, 128)]),
     ],
     "cuda": [
-        ("flux-ae", (1, 3, 32, 512, 512)),
-        ("hunyuan-vae", (1, 3, 65, 256, 256)),
-        ("hunyuan-vae", (1, 3, 129, 512, 512)),
-        ("dc-ae-f32t4c128", (1, 3, 64, 512, 512)),
+        ("flux-ae", [(1, 3, 16, 512, 512), (1, 3, 32, 512, 512)]),
+        ("hunyuan-vae", [(1, 3, 33, 512, 512), (1, 3, 65, 512, 512)]),
+        ("dc-ae-f32t4c128", [(1, 3, 32, 512, 512), (1, 3, 64, 512, 512)]),
     ],
 }
 
@@ -58,41 +59,49 @@ class Row:
     scale: float
 
 
-def _plans(preset: VAEPreset, shape: tuple[int, ...], untiled_estimate: int, device: str) -> list[tuple[str, TilePlan]]:
-    """Exact chunks where the family has them, then "auto" under two budgets."""
-    preset_plans: list[tuple[str, TilePlan]] = []
+def _plans(preset: VAEPreset, shape: tuple[int, ...], budgets: list[int], device: str) -> list[tuple[str, TilePlan]]:
+    """Exact chunks where the family has them, then "auto" under each budget."""
+    plans: list[tuple[str, TilePlan]] = []
     if preset.family == "causal_3d":
-        k = max(1, ((shape[2] - 1) // 4 + 1) // 4)  # a quarter of the latent frames per chunk
-        preset_plans += [(f"chunks {k}, norm {n}", TilePlan("chunks", k, norm=n)) for n in ("causal", "chunk")]
-        preset_plans.append((f"chunks {k}, norm clip x2", TilePlan("chunks", k, norm="clip", norm_passes=2)))
+        k = 8  # latent frames per chunk (32 frames)
+        plans += [(f"chunks {k}, norm {n}", TilePlan("chunks", k, norm=n)) for n in ("causal", "chunk")]
+        plans.append((f"chunks {k}, norm clip x2", TilePlan("chunks", k, norm="clip", norm_passes=2)))
     elif preset.family == "autoencoder_2d":
-        preset_plans.append(("chunks 4", TilePlan("chunks", 4)))
-    for fraction in (2, 8):
-        budget = calibrated(untiled_estimate, device) // fraction
+        plans.append(("chunks of 4 frames", TilePlan("chunks", 4)))
+    for budget in budgets:
         plan = plan_encode(preset, shape, config=TilingConfig("auto", memory_budget=budget), device=device)
-        preset_plans.append((f"auto 1/{fraction}: {plan.describe()}", plan))
-    return preset_plans
+        plans.append((f"auto {budget / 2**20:.0f} MiB: {plan.describe()}", plan))
+    return plans
 
 
 def run(device: str, dtype: torch.dtype, checkpoint_dir: Path | None) -> list[Row]:
     rows = []
-    for name, shape in CASES[device]:
-        rows += _case(get_preset(name), shape, device, dtype, checkpoint_dir)
+    for name, shapes in CASES[device]:
+        preset = get_preset(name)
+        checkpoint = checkpoint_dir / preset.checkpoint if checkpoint_dir and preset.checkpoint else None
+        model = load_vae(preset, checkpoint, device=device, dtype=dtype)
+        untiled = calibrated(estimate_bytes(preset, shapes[0], dtype, device=device), device)
+        budgets = [untiled // 2, untiled // 8]  # fixed per preset: the longer clip gets the same
+        for shape in shapes:
+            rows += _case(model, preset, shape, budgets, device, dtype)
+        del model
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
 def _case(
-    preset: VAEPreset, shape: tuple[int, ...], device: str, dtype: torch.dtype, checkpoint_dir: Path | None
+    model: torch.nn.Module,
+    preset: VAEPreset,
+    shape: tuple[int, ...],
+    budgets: list[int],
+    device: str,
+    dtype: torch.dtype,
 ) -> list[Row]:
-    checkpoint = checkpoint_dir / preset.checkpoint if checkpoint_dir and preset.checkpoint else None
-    model = load_vae(preset, checkpoint, device=device, dtype=dtype)
     x = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(device, dtype)
     opensora = plan_encode(preset, shape, dtype, TilingConfig("opensora"))
-    untiled_estimate = estimate_bytes(preset, shape, dtype, device=device)
     plans = [("untiled", TilePlan()), (f"opensora: {opensora.describe()}", opensora)]
-    plans += _plans(preset, shape, untiled_estimate, device)
+    plans += _plans(preset, shape, budgets, device)
     rows: list[Row] = []
     reference = None
     for label, plan in plans:

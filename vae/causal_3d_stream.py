@@ -20,8 +20,8 @@ can be normalised exactly before the whole clip has been seen. `norm` picks the 
   pick other kernels), which a resumable, distributed latent cache needs; the model becomes
   strictly causal (a prefix of the clip encodes to a prefix of the latents). It differs from
   the untiled encode most at the first frames, where the statistics cover few frames.
-- "chunk": each chunk's own statistics. Closer to untiled than "causal" in the measurements
-  below, but the latents change with the chunk size; reproducible only with a pinned budget.
+- "chunk": each chunk's own statistics. Somewhat closer to untiled than "causal" below, but
+  the latents change with the chunk size, so with the budget; reproducible only if it is pinned.
 - "clip": approximates the full-clip statistics by repeating the encode: the first pass runs
   "causal" and sums each GroupNorm's input over the clip; every later pass normalises with the
   previous pass's sums. Pass p gets the first p GroupNorms (in execution order) exactly right,
@@ -29,13 +29,18 @@ can be normalised exactly before the whole clip has been seen. `norm` picks the 
   show that everything else about the chunking is exact), but with few passes the iteration is
   not a contraction: later GroupNorms see inputs that drifted from the statistics they are given.
 
-Measured with benchmarks/causal_norm_stats.py (129 frames with a scene cut, 128x128, narrow
-model of the released depth; mean |diff| / std of the untiled posterior mean), on a model
-fitted for 400 steps / on random weights: Open-Sora's 64+1 temporal tiles 0.16 / 0.65; "clip"
-2 passes 0.19 / 2.3, 3 passes 2.3 / 0.71; "chunk" (4 or 8 latent frames) 0.25 / 0.75; "causal"
-0.34 / 0.77; Open-Sora's spatial tiles over the whole clip 0.31 / 0.34. Every temporal split
-moves these latents by a sizeable fraction of their spread; no trained checkpoint was at hand,
-so rerun the script with `--checkpoint` before trusting the ranking.
+Measured with benchmarks/causal_norm_stats.py (its default run: 129 frames with a scene cut,
+128x128, a narrow model of the released depth fitted for 400 steps / the same with random
+weights; mean |diff| of the posterior mean from the untiled one, over its std):
+
+    Open-Sora temporal tiles 64+1       0.15 / 0.65     "chunk", 8 latent frames     0.22 / 0.73
+    Open-Sora spatial tiles, whole clip 0.18 / 0.34     "chunk", 4 latent frames     0.28 / 0.75
+    16+1 tiles (diffusers' default)     0.27 / 0.78     "clip", 2 passes             0.26 / 2.31
+    "causal", any chunk size            0.30 / 0.77     "clip", 3 passes            20.3  / 0.71
+
+Every split in time moves these latents by a sizeable fraction of their spread, Open-Sora's
+own temporal tiles included; "clip" with few passes is erratic. No trained checkpoint was at
+hand: rerun the script with `--checkpoint` before trusting the ranking.
 
 Statistics are summed in float64 from per-frame means and centred sums of squares, and the
 normalisation is done in float32, as PyTorch's GroupNorm does for half inputs.

@@ -109,6 +109,10 @@ class TilingConfig:
             raise ValueError(f"norm must be one of {NORM_STATS}, got {self.norm!r}")
         if self.overlap is not None and not 0 <= self.overlap < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.norm_passes < 1:
+            raise ValueError(f"norm_passes must be at least 1, got {self.norm_passes}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ValueError(f"memory_budget must be positive bytes, got {self.memory_budget}")
 
 
 @dataclass(frozen=True)
