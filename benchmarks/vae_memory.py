@@ -63,14 +63,15 @@ def _plans(preset: VAEPreset, shape: tuple[int, ...], budgets: list[int], device
     """Exact chunks where the family has them, then "auto" under each budget."""
     plans: list[tuple[str, TilePlan]] = []
     if preset.family == "causal_3d":
-        k = 8  # latent frames per chunk (32 frames)
+        k = 8  # latent frames per chunk (32 frames; the first chunk 33)
         plans += [(f"chunks {k}, norm {n}", TilePlan("chunks", k, norm=n)) for n in ("causal", "chunk")]
         plans.append((f"chunks {k}, norm clip x2", TilePlan("chunks", k, norm="clip", norm_passes=2)))
     elif preset.family == "autoencoder_2d":
         plans.append(("chunks of 4 frames", TilePlan("chunks", 4)))
     for budget in budgets:
         plan = plan_encode(preset, shape, config=TilingConfig("auto", memory_budget=budget), device=device)
-        plans.append((f"auto {budget / 2**20:.0f} MiB: {plan.describe()}", plan))
+        fits = "" if plan.fits else " (nothing fits: smallest)"
+        plans.append((f"auto {budget / 2**20:.0f} MiB: {plan.describe()}{fits}", plan))
     return plans
 
 
@@ -128,7 +129,7 @@ def _case(
 def _format(row: Row) -> str:
     shape = "x".join(str(s) for s in row.shape[2:])
     return (
-        f"{row.preset:17s} {shape:12s} {row.plan[:62]:62s} {row.peak / 2**20:9.1f} MiB {row.estimate / 2**20:9.1f} MiB "
+        f"{row.preset:17s} {shape:12s} {row.plan:100s} {row.peak / 2**20:9.1f} MiB {row.estimate / 2**20:9.1f} MiB "
         f"{row.peak / max(row.estimate, 1):5.2f} {row.seconds:7.2f}s {row.diff:10.3g} {row.scale:8.3g}"
     )
 
@@ -141,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     print(
-        f"{'preset':17s} {'T x H x W':12s} {'plan':62s} {'peak':>13s} {'estimate':>13s} {'ratio':>5s} "
+        f"{'preset':17s} {'T x H x W':12s} {'plan':100s} {'peak':>13s} {'estimate':>13s} {'ratio':>5s} "
         f"{'time':>8s} {'max|diff|':>10s} {'max|ref|':>8s}"
     )
     with torch.inference_mode():

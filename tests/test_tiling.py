@@ -20,7 +20,7 @@ import torch
 
 from vae import get_preset, load_vae
 from vae.causal_3d_stream import chunk_bounds, group_norm_count, stream_encode
-from vae.memory import calibrated, measure_peak_bytes
+from vae.memory import calibrated, measure_peak_bytes, traced_peak_bytes
 from vae.tiling import (
     OPENSORA_TRAINING,
     TilePlan,
@@ -334,6 +334,16 @@ def test_estimate_tracks_measured_cpu_peak(models, family):
         )
         estimate = estimate_bytes(preset, shape, torch.float32, plan, device="cpu")
         assert 0.8 * estimate <= measured <= calibrated(estimate, "cpu"), (plan, estimate, measured)
+
+
+def test_trace_is_the_same_under_inference_mode():
+    # The job encodes under torch.inference_mode(), where composite ops reach the tracer whole.
+    conv = torch.nn.Conv3d(8, 8, 3, padding=1, device="meta")
+    x = torch.empty(1, 8, 16, 64, 64, device="meta")
+    plain = traced_peak_bytes(lambda: conv(x), "cpu")
+    with torch.inference_mode():
+        assert traced_peak_bytes(lambda: conv(x), "cpu") == plain
+    assert plain > 27 * x.numel() * 4  # the CPU kernel's im2col buffer for this small input
 
 
 def test_auto_peak_memory_is_bounded_when_the_clip_doubles(models):

@@ -123,8 +123,13 @@ def traced_peak_bytes(fn: Callable[[], Any], device: str = "cuda") -> int:
     Tensors that exist before the call (weights, the input) are not counted; what `fn` returns
     is, since it is allocated during the call. `device` is where the real run would happen:
     "cpu" adds the convolution scratch buffers of PyTorch's CPU kernels.
+
+    Runs with inference mode off (gradients still off): under inference mode composite ops such
+    as `conv3d` and `group_norm` reach the tracer whole, hiding their temporaries and the kernel
+    choice; outside it they arrive decomposed, the same kernels either way.
     """
-    with _FusedAttention(), _LiveBytes(_cpu_conv_workspace if device == "cpu" else None) as live:
+    workspace = _cpu_conv_workspace if device == "cpu" else None
+    with torch.inference_mode(False), torch.no_grad(), _FusedAttention(), _LiveBytes(workspace) as live:
         fn()
     return live.peak
 

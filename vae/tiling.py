@@ -147,11 +147,11 @@ class TilePlan:
         return self.temporal == "none" and not self.spatial_tile
 
     def describe(self) -> str:
-        """A short text for logs and metadata, e.g. "chunks of 8 latent frames (causal VAE: norm causal)"."""
+        """A short text for logs and metadata, e.g. "chunks of 8 latent frames, norm causal"."""
         parts = []
         if self.temporal == "chunks":
             norm = f"norm {self.norm}" + (f" x{self.norm_passes}" if self.norm == "clip" else "")
-            parts.append(f"chunks of {self.temporal_size} latent frames (causal VAE: {norm})")
+            parts.append(f"chunks of {self.temporal_size} latent frames, {norm}")
         elif self.temporal == "tiles":
             parts.append(f"temporal tiles of {self.temporal_size} frames, overlap {self.overlap}")
         if self.spatial_tile:
