@@ -333,17 +333,23 @@ def test_estimate_tracks_measured_cpu_peak(models, family):
             lambda plan=plan: encode_video(models[preset.name], preset, x, tiling=plan), "cpu"
         )
         estimate = estimate_bytes(preset, shape, torch.float32, plan, device="cpu")
-        assert 0.8 * estimate <= measured <= calibrated(estimate, "cpu"), (plan, estimate, measured)
+        assert 0.7 * estimate <= measured <= calibrated(estimate, "cpu"), (plan, estimate, measured)
 
 
 def test_trace_is_the_same_under_inference_mode():
-    # The job encodes under torch.inference_mode(), where composite ops reach the tracer whole.
+    # The job encodes (and so plans) under torch.inference_mode(), where composite ops reach the
+    # tracer whole, and tensors made there skip the decomposition even with the mode off.
     conv = torch.nn.Conv3d(8, 8, 3, padding=1, device="meta")
     x = torch.empty(1, 8, 16, 64, 64, device="meta")
     plain = traced_peak_bytes(lambda: conv(x), "cpu")
-    with torch.inference_mode():
-        assert traced_peak_bytes(lambda: conv(x), "cpu") == plain
     assert plain > 27 * x.numel() * 4  # the CPU kernel's im2col buffer for this small input
+    preset, shape = get_preset("dc-ae-tiny"), (1, 3, 32, 128, 128)
+    with torch.inference_mode():
+        x_inference = torch.empty(1, 8, 16, 64, 64, device="meta")
+        assert traced_peak_bytes(lambda: conv(x_inference), "cpu") == plain
+        planned = estimate_bytes(preset, shape, torch.float32, TilePlan("tiles", 16, 128), device="cpu")
+    assert planned == estimate_bytes(preset, shape, torch.float32, TilePlan("tiles", 16, 128), device="cpu")
+    assert estimate_bytes(preset, shape, torch.float32, device="cpu") > 27 * 3 * 32 * 128 * 128 * 4
 
 
 def test_auto_peak_memory_is_bounded_when_the_clip_doubles(models):

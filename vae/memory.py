@@ -15,8 +15,8 @@ the trace models it as allocating its output only.
 Convolutions on CPU are modelled too, because there the workspace can dwarf the activations:
 for small float32 inputs (batch 1, N*C*D*H <= 20480, no groups, kernels up to 3) PyTorch
 prefers its native kernel, which unfolds the input into a C_in*k^3 x (output positions) buffer
-(`slow_conv3d`: 27x the input for a 3x3x3 conv); otherwise oneDNN copies the input into its
-blocked layout. Both were measured to the byte on torch 2.13 (see `_cpu_conv_workspace`).
+(`slow_conv3d`: 27x the input for a 3x3x3 conv); otherwise oneDNN reorders input and output
+into its blocked layout. See `_cpu_conv_workspace` for what was measured.
 
 Measurement (`measure_peak_bytes`) uses `torch.cuda.max_memory_allocated` on CUDA and, on CPU,
 the allocation events of `torch.profiler` (every allocation and free of the CPU allocator, in
@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_iter
 
 T = TypeVar("T")
 
-# Measured peak / traced peak, by device type. CPU: 0.87-1.14 over the tiny presets of all three
+# Measured peak / traced peak, by device type. CPU: 0.76-1.02 over the tiny presets of all three
 # families, encode and decode, untiled, chunked and tiled (the table of benchmarks/vae_memory.py;
 # the rest is allocator and kernel detail). CUDA: not measured yet (no GPU where this was
 # written): cuDNN's workspace and the caching allocator's rounding are left to a wide margin
@@ -46,26 +46,41 @@ T = TypeVar("T")
 CALIBRATION = {"cpu": 1.2, "cuda": 1.5}
 
 
+_CONV_COMPOSITES = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
+
+
 def _cpu_conv_workspace(func: Any, args: Any) -> int:
-    """Scratch bytes a CPU convolution allocates while it runs (PyTorch's kernel choice, ConvUtils.h)."""
-    if func is not torch.ops.aten.convolution.default:
+    """Scratch bytes a CPU convolution allocates while it runs (PyTorch's kernel choice, ConvUtils.h).
+
+    Measured on torch 2.13: the native kernel unfolds its input (C_in/groups * k^3 rows, one
+    column per output position; exact); oneDNN reorders input and output into its blocked
+    layout for k > 1 (exact at stride 1, about twice too much at stride 2) and needs nothing
+    for 1x1x1 kernels.
+    """
+    if func is torch.ops.aten.convolution.default:
+        x, weight = args[0], args[1]
+        stride, padding, groups = args[3], args[4], args[8]
+    elif func in _CONV_COMPOSITES:  # inference tensors dispatch conv3d(x, w, b, stride, padding, dilation, groups)
+        x, weight = args[0], args[1]
+        stride, padding, groups = (args[i] if len(args) > i else default for i, default in ((3, 1), (4, 0), (6, 1)))
+    else:
         return 0
-    x, weight = args[0], args[1]
-    stride, groups = args[3], args[8]
-    if x.dtype != torch.float32:  # bf16/half go to oneDNN
-        return x.numel() * x.element_size()
     kernel = weight.shape[2:]
-    n, c = x.shape[:2]
+    stride = [stride] * len(kernel) if isinstance(stride, int) else stride
+    padding = [padding] * len(kernel) if isinstance(padding, int) else padding
+    out_shape = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
+    reorders = 0 if math.prod(kernel) == 1 else (x.numel() + x.shape[0] * weight.shape[0] * math.prod(out_shape))
+    if x.dtype != torch.float32:  # bf16/half always go to oneDNN
+        return reorders * x.element_size()
+    n = x.shape[0]
     strided = any(s != 1 for s in stride)
     onednn = (strided or n >= 16 or kernel[-1] != 1 or kernel[-2] != 1 or torch.get_num_threads() > 1) and (
         groups > 1 or (kernel[-1] > 3 and kernel[-2] > 3) or n > 1 or math.prod(x.shape[:4]) > 20480
     )
-    if onednn:  # a reorder of the input into the blocked layout
-        return x.numel() * x.element_size()
+    if onednn:
+        return reorders * x.element_size()
     # Native kernel: one item at a time, its input unfolded to (C_in/groups * k...) x output positions.
-    padding = args[4]
-    out_positions = math.prod((n + 2 * p - k) // s + 1 for n, k, s, p in zip(x.shape[2:], kernel, stride, padding))
-    return c // groups * math.prod(kernel) * out_positions * x.element_size()
+    return x.shape[1] // groups * math.prod(kernel) * math.prod(out_shape) * x.element_size()
 
 
 class _LiveBytes(TorchDispatchMode):

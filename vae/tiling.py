@@ -566,7 +566,9 @@ def _largest(values: list[int], fits: Callable[[int], bool]) -> int | None:
 
 @functools.lru_cache(maxsize=16)
 def _meta_model(preset: VAEPreset, dtype: torch.dtype) -> nn.Module:
-    with torch.device("meta"):
+    # Never inference tensors (the job plans under inference mode): composite ops on those reach
+    # the tracer undecomposed, hiding their temporaries.
+    with torch.inference_mode(False), torch.device("meta"):
         return preset.build(preset.params).to(dtype).eval().requires_grad_(False)
 
 
@@ -593,6 +595,13 @@ def estimate_bytes(
 
 @functools.lru_cache(maxsize=1024)
 def _estimate(preset: VAEPreset, shape: Shape, dtype: torch.dtype, plan: TilePlan, encode: bool, device: str) -> int:
+    with torch.inference_mode(False):  # meta inputs must not be inference tensors (see _meta_model)
+        return _traced_estimate(preset, shape, dtype, plan, encode, device)
+
+
+def _traced_estimate(
+    preset: VAEPreset, shape: Shape, dtype: torch.dtype, plan: TilePlan, encode: bool, device: str
+) -> int:
     model = _meta_model(preset, dtype)
     b, c, t, h, w = shape
     if plan.untiled:
