@@ -70,7 +70,7 @@ def _plans(preset: VAEPreset, shape: tuple[int, ...], budgets: list[int], device
         plans.append(("chunks of 4 frames", TilePlan("chunks", 4)))
     for budget in budgets:
         plan = plan_encode(preset, shape, config=TilingConfig("auto", memory_budget=budget), device=device)
-        fits = "" if plan.fits else " (nothing fits: smallest)"
+        fits = "" if plan.fits else " (nothing fits: the cheapest tried)"
         plans.append((f"auto {budget / 2**20:.0f} MiB: {plan.describe()}{fits}", plan))
     return plans
 

@@ -313,7 +313,7 @@ def test_auto_prefers_untiled_then_time_then_space(family):
     assert tiny.spatial_tile and tiny.fits and tiny.estimated_bytes <= untiled // 12, tiny
     latent_shape = (1, preset.latent_channels, *preset.latent_shape(*shape[2:])[1:])
     decode = plan_decode(preset, latent_shape, config=TilingConfig("auto", memory_budget=1), device="cuda")
-    assert not decode.fits and decode.spatial_tile  # nothing fits: the smallest plan, flagged
+    assert not decode.fits and decode.spatial_tile  # nothing fits: the cheapest plan tried, flagged
 
 
 ESTIMATE_CASES = {

@@ -486,13 +486,20 @@ def _plan(
 def _auto_plan(
     preset: VAEPreset, shape: Shape, dtype: torch.dtype, config: TilingConfig, budget: float, device: str, encode: bool
 ) -> TilePlan:
-    """Untiled if it fits; else the largest temporal split that fits; else spatial tiles too."""
+    """Untiled if it fits; else the largest temporal split that fits; else spatial tiles too.
+
+    If nothing fits, the cheapest plan tried, flagged `fits=False` (on CPU a smaller tile can
+    cost more than a larger one, see vae/memory.py, so that is not always the smallest).
+    """
     overlap = 0.25 if config.overlap is None else config.overlap
     base = TilePlan(overlap=overlap, norm=config.norm, norm_passes=config.norm_passes)
     sc, tc = preset.spatial_compression, preset.temporal_compression
+    tried: dict[TilePlan, int] = {}
 
     def cost(plan: TilePlan) -> int:
-        return calibrated(estimate_bytes(preset, shape, dtype, plan, encode, device), device)
+        if plan not in tried:
+            tried[plan] = calibrated(estimate_bytes(preset, shape, dtype, plan, encode, device), device)
+        return tried[plan]
 
     def done(plan: TilePlan) -> TilePlan:
         estimate = cost(plan)
@@ -522,8 +529,9 @@ def _auto_plan(
         return done(plan(size))
     smallest = sizes[0] if sizes else 0
     tile = _largest(tiles, lambda t: cost(plan(smallest, t)) <= budget)
-    if tile is None:  # nothing fits: the smallest plan there is, marked as not fitting
-        return done(plan(smallest, tiles[0] if tiles else 0))
+    if tile is None:  # nothing fits: the cheapest plan tried, marked as not fitting
+        cost(plan(smallest, tiles[0] if tiles else 0))
+        return done(min(tried, key=tried.__getitem__))
     size = _largest(sizes, lambda s: cost(plan(s, tile)) <= budget) or smallest
     return done(plan(size, tile))
 
