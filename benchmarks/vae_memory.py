@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from vae import DiagonalGaussianDistribution, VAEPreset, get_preset, load_vae
+from vae.codec import encode_video, estimate_bytes, plan_encode
 from vae.memory import calibrated, measure_peak_bytes
-from vae.tiling import TilePlan, TilingConfig, encode_video, estimate_bytes, plan_encode
+from vae.tiling import TilePlan, TilingConfig
 
 # (preset, input shapes B C T H W) per device: the same frame at two clip lengths, so that the
 # auto rows (whose budgets are fixed per preset from the first shape) show the peak staying put

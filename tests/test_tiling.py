@@ -20,18 +20,9 @@ import torch
 
 from vae import get_preset, load_vae
 from vae.causal_3d_stream import chunk_bounds, group_norm_count, stream_encode
+from vae.codec import decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
 from vae.memory import calibrated, measure_peak_bytes, traced_peak_bytes
-from vae.tiling import (
-    OPENSORA_TRAINING,
-    TilePlan,
-    TilingConfig,
-    decode_video,
-    encode_video,
-    estimate_bytes,
-    opensora_plan,
-    plan_decode,
-    plan_encode,
-)
+from vae.tiling import OPENSORA_TRAINING, TilePlan, TilingConfig, opensora_plan
 
 FAMILIES = {"autoencoder_2d": "flux-ae-tiny", "causal_3d": "hunyuan-vae-tiny", "dc_ae": "dc-ae-tiny"}
 

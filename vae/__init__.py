@@ -3,10 +3,11 @@
 Nothing here knows about Ray, tar files or Parquet.
 """
 
+from vae.codec import decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
 from vae.loading import CheckpointError, check_checkpoint, file_sha256, load_vae, read_state_dict
 from vae.posterior import DiagonalGaussianDistribution
 from vae.presets import VAEPreset, get_preset, list_presets, register_preset
-from vae.tiling import TilePlan, TilingConfig, decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
+from vae.tiling import TilePlan, TilingConfig
 
 __all__ = [
     "CheckpointError",

@@ -1,6 +1,6 @@
-"""Tiled and chunked encode/decode for the three VAE families, planned from a memory budget.
+"""Tiled and chunked encode/decode for the three VAE families: configs, plans and running them.
 
-    latent, posterior = encode_video(model, preset, x, sample=True, generator=gens, tiling=TilingConfig("auto"))
+`vae/codec.py` holds the entry points (`encode_video`, `decode_video`) and chooses the plan.
 
 Modes (`TilingConfig.mode`):
 
@@ -31,9 +31,8 @@ item the same noise whatever the plan or the batch.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -41,13 +40,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from vae.causal_3d_stream import NORM_STATS, NormStats, stream_decode, stream_encode
-from vae.memory import available_bytes, calibrated, traced_peak_bytes
 from vae.posterior import DiagonalGaussianDistribution
 from vae.presets import VAEPreset
 
 Mode = Literal["off", "opensora", "auto"]
 MODES = ("off", "opensora", "auto")
-Shape = tuple[int, int, int, int, int]  # B C T H W
 
 
 @dataclass(frozen=True)
@@ -163,7 +160,7 @@ class TilePlan:
 
 
 @dataclass(frozen=True)
-class _Axis:
+class TileAxis:
     """Tiles along one axis: input extent and stride, and what is blended and kept of each output."""
 
     size: int  # input positions per tile
@@ -173,7 +170,7 @@ class _Axis:
     causal: bool = False  # tiles read one more frame; later tiles drop their first output, the first keeps one more
 
 
-def _axis(tile_in: int, tile_out: int, ratio: int, overlap: float, encode: bool, causal: bool = False) -> _Axis:
+def tile_axis(tile_in: int, tile_out: int, ratio: int, overlap: float, encode: bool, causal: bool = False) -> TileAxis:
     """Open-Sora's geometry: stride `int(tile_in * (1 - overlap))`, blend `int(tile_out * overlap)`.
 
     `tile_in` and `tile_out` are a tile's sizes on the input and the output side (a causal tile
@@ -192,7 +189,7 @@ def _axis(tile_in: int, tile_out: int, ratio: int, overlap: float, encode: bool,
             f"a tile of {tile_in} ({tile_out} on the other side) with overlap {overlap} does not tile evenly "
             f"at compression {ratio}: stride {stride}, blend {blend}, {keep} positions kept per tile"
         )
-    return _Axis(tile_in + causal, stride, blend, keep, causal)
+    return TileAxis(tile_in + causal, stride, blend, keep, causal)
 
 
 def _blend(prev: Tensor, cur: Tensor, extent: int, dim: int) -> None:
@@ -203,7 +200,7 @@ def _blend(prev: Tensor, cur: Tensor, extent: int, dim: int) -> None:
         cur.select(dim, i).copy_(prev.select(dim, i - extent) * (1 - i / extent) + cur.select(dim, i) * (i / extent))
 
 
-def spatial_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: _Axis, out_hw: tuple[int, int]) -> Tensor:
+def spatial_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: TileAxis, out_hw: tuple[int, int]) -> Tensor:
     """Runs `fn` on overlapping square tiles of `B C T H W` and blends the results.
 
     Tiles start at every multiple of the stride below H (and W); each tile's output is
@@ -236,7 +233,7 @@ def spatial_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: _Axis, out_hw
     return out
 
 
-def temporal_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: _Axis, out_frames: int) -> Tensor:
+def temporal_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: TileAxis, out_frames: int) -> Tensor:
     """Runs `fn` on overlapping runs of frames of `B C T H W` and blends the results in time.
 
     As Open-Sora's `temporal_tiled_encode/decode`: a tile starts at every multiple of the stride
@@ -266,7 +263,7 @@ def temporal_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: _Axis, out_f
 # -- per-family pieces ---------------------------------------------------------------------
 
 
-def _encode_fn(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
+def tile_encoder(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
     """Encodes a clip (a whole one or a tile) to what Open-Sora blends: posterior parameters
     for the variational families, scaled latents for the DC-AE (its `_encode` scales each tile)."""
     family = preset.family
@@ -281,7 +278,7 @@ def _encode_fn(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[
     raise ValueError(f"no tiling for VAE family {family!r}")
 
 
-def _decode_fn(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
+def tile_decoder(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
     """Decodes scaled latents (a clip or a tile). Scaling is elementwise, so scaling each tile
     equals Open-Sora's scaling before tiling (causal VAE) or inside each tile (DC-AE)."""
     if preset.family == "autoencoder_2d":
@@ -309,21 +306,23 @@ def _frames(fn: Callable[[Tensor], Tensor], plan: TilePlan, x: Tensor) -> Tensor
     return out
 
 
-def _geometry(preset: VAEPreset, plan: TilePlan, encode: bool) -> tuple[_Axis | None, _Axis | None]:
+def geometry(preset: VAEPreset, plan: TilePlan, encode: bool) -> tuple[TileAxis | None, TileAxis | None]:
     """(spatial, temporal) tile axes of a plan; None where it has no tiles."""
     sc, tc = preset.spatial_compression, preset.temporal_compression
     spatial = temporal = None
     if plan.spatial_tile:
         s = plan.spatial_tile
-        spatial = _axis(s, s // sc, sc, plan.overlap, True) if encode else _axis(s // sc, s, sc, plan.overlap, False)
+        spatial = (
+            tile_axis(s, s // sc, sc, plan.overlap, True) if encode else tile_axis(s // sc, s, sc, plan.overlap, False)
+        )
     if plan.temporal == "tiles":
         if preset.family == "autoencoder_2d":
             raise ValueError("the FLUX AE has no temporal tiles (its frames are independent: use chunks)")
         t, causal = plan.temporal_size, preset.causal
         if encode:
-            temporal = _axis(t, t // tc, tc, plan.overlap, True, causal)
+            temporal = tile_axis(t, t // tc, tc, plan.overlap, True, causal)
         else:
-            temporal = _axis(t // tc, t, tc, plan.overlap, False, causal)
+            temporal = tile_axis(t // tc, t, tc, plan.overlap, False, causal)
     if plan.temporal == "chunks" and preset.family == "dc_ae":
         raise ValueError("the DC-AE cannot be chunked exactly (its attention spans the clip): use temporal tiles")
     return spatial, temporal
@@ -332,7 +331,7 @@ def _geometry(preset: VAEPreset, plan: TilePlan, encode: bool) -> tuple[_Axis | 
 def _run(
     fn: Callable[[Tensor], Tensor],
     x: Tensor,
-    axes: tuple[_Axis | None, _Axis | None],
+    axes: tuple[TileAxis | None, TileAxis | None],
     out_frames: int,
     out_hw: tuple[int, int],
 ) -> Tensor:
@@ -353,38 +352,32 @@ def _run(
     return tile_fn(x)
 
 
-# -- entry points ---------------------------------------------------------------------------
+# -- running a plan ---------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def encode_video(
+def encode_with_plan(
     model: nn.Module,
     preset: VAEPreset,
     x: Tensor,
+    plan: TilePlan,
     *,
     sample: bool = True,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    tiling: TilingConfig | TilePlan = TilingConfig(),
 ) -> tuple[Tensor, DiagonalGaussianDistribution | None]:
-    """Encodes `B C T H W` video in [-1, 1] to scaled latents, split as `tiling` says.
+    """Encodes `B C T H W` video in [-1, 1] as `plan` says (`vae.codec.encode_video` plans too).
 
-    Args:
-        model: The preset's model (as `load_vae` builds it).
-        preset: Its preset (family, compression, scaling).
-        x: The video; T, H and W must follow the preset's rules.
-        sample: Draw from the posterior (variational families) rather than take its mean.
-        generator: One generator, or one per batch item; used once on the assembled posterior.
-        tiling: A config (planned here for this shape) or a ready plan.
+    The posterior is assembled from the tiles first and sampled once, so per-item generators
+    give each item the same noise whatever the plan or the batch.
 
     Returns:
         The latent `B C' T' H' W'` and the posterior (None for the deterministic DC-AE).
     """
     preset.check_input(*x.shape[2:])
-    plan = tiling if isinstance(tiling, TilePlan) else plan_encode(preset, tuple(x.shape), x.dtype, tiling, x.device)
     if plan.untiled:
         return model.encode(x, sample=sample, generator=generator)
     _, t, h, w = preset.latent_shape(*x.shape[2:])
-    raw = _run(_encode_fn(model, preset, plan), x, _geometry(preset, plan, encode=True), t, (h, w))
+    raw = _run(tile_encoder(model, preset, plan), x, geometry(preset, plan, encode=True), t, (h, w))
     assert raw.shape[2:] == (t, h, w), f"tiled encode gave {tuple(raw.shape)}, expected T'={t} {h}x{w}"
     if not preset.variational:
         return raw, None
@@ -394,44 +387,34 @@ def encode_video(
 
 
 @torch.no_grad()
-def decode_video(
-    model: nn.Module, preset: VAEPreset, latent: Tensor, *, tiling: TilingConfig | TilePlan = TilingConfig()
-) -> Tensor:
-    """Decodes scaled latents `B C' T' h w` to video, split as `tiling` says (plans are on the video side)."""
-    if isinstance(tiling, TilePlan):
-        plan = tiling
-    else:
-        plan = plan_decode(preset, tuple(latent.shape), latent.dtype, tiling, latent.device)
+def decode_with_plan(model: nn.Module, preset: VAEPreset, latent: Tensor, plan: TilePlan) -> Tensor:
+    """Decodes scaled latents `B C' T' h w` to video as `plan` says (sizes on the video side)."""
     if plan.untiled:
         return model.decode(latent)
     sc = preset.spatial_compression
     out_hw = (latent.shape[3] * sc, latent.shape[4] * sc)
-    axes = _geometry(preset, plan, encode=False)
-    if axes[1] is not None and _drops_frames(preset, latent.shape[2], axes[1]):
+    axes = geometry(preset, plan, encode=False)
+    if axes[1] is not None and drops_frames(preset, latent.shape[2], axes[1]):
         raise ValueError(
             f"Open-Sora's temporal tiled decode of {latent.shape[2]} DC-AE latent frames with "
             f"{plan.temporal_size}-frame tiles ends on a 1-frame tile, which decodes to one frame instead of four "
-            "(frames would go missing); "
-            "choose another temporal tile size"
+            "(frames would go missing); choose another temporal tile size"
         )
-    return _run(_decode_fn(model, preset, plan), latent, axes, _decoded_frames(preset, latent.shape[2]), out_hw)
+    return _run(tile_decoder(model, preset, plan), latent, axes, decoded_frames(preset, latent.shape[2]), out_hw)
 
 
-def _drops_frames(preset: VAEPreset, latent_frames: int, axis: _Axis) -> bool:
+def drops_frames(preset: VAEPreset, latent_frames: int, axis: TileAxis) -> bool:
     """Whether the DC-AE's temporal tiles would end on a lone latent frame (decoded as an image)."""
     if preset.family != "dc_ae" or latent_frames <= axis.size:
         return False
     return latent_frames - (latent_frames - 1) // axis.stride * axis.stride == 1
 
 
-def _decoded_frames(preset: VAEPreset, latent_frames: int) -> int:
+def decoded_frames(preset: VAEPreset, latent_frames: int) -> int:
     tc = preset.temporal_compression
     if preset.causal:
         return (latent_frames - 1) * tc + 1
     return latent_frames * tc if latent_frames > 1 else 1
-
-
-# -- planning -------------------------------------------------------------------------------
 
 
 def opensora_plan(preset: VAEPreset, config: TilingConfig = TilingConfig("opensora")) -> TilePlan:
@@ -449,220 +432,17 @@ def opensora_plan(preset: VAEPreset, config: TilingConfig = TilingConfig("openso
     )
 
 
-def plan_encode(
-    preset: VAEPreset,
-    shape: Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    config: TilingConfig = TilingConfig(),
-    device: torch.device | str = "cpu",
-) -> TilePlan:
-    """The plan `encode_video` runs for a `B C T H W` input under `config`."""
-    return _plan(preset, tuple(shape), dtype, config, torch.device(device), True)
-
-
-def plan_decode(
-    preset: VAEPreset,
-    shape: Sequence[int],
-    dtype: torch.dtype = torch.float32,
-    config: TilingConfig = TilingConfig(),
-    device: torch.device | str = "cpu",
-) -> TilePlan:
-    """The plan `decode_video` runs for a `B C' T' h w` latent under `config`."""
-    return _plan(preset, tuple(shape), dtype, config, torch.device(device), False)
-
-
-def _plan(
-    preset: VAEPreset, shape: Shape, dtype: torch.dtype, config: TilingConfig, device: torch.device, encode: bool
-) -> TilePlan:
-    if config.mode == "off":
-        return TilePlan()
-    if config.mode == "opensora":
-        return opensora_plan(preset, config)
-    budget = config.memory_budget if config.memory_budget is not None else available_bytes(device)
-    return _auto_plan(preset, shape, dtype, config, budget, device.type, encode)
-
-
-@functools.lru_cache(maxsize=256)
-def _auto_plan(
-    preset: VAEPreset, shape: Shape, dtype: torch.dtype, config: TilingConfig, budget: float, device: str, encode: bool
-) -> TilePlan:
-    """Untiled if it fits; else the largest temporal split that fits; else spatial tiles too.
-
-    If nothing fits, the cheapest plan tried, flagged `fits=False` (on CPU a smaller tile can
-    cost more than a larger one, see vae/memory.py, so that is not always the smallest).
-    """
-    overlap = 0.25 if config.overlap is None else config.overlap
-    base = TilePlan(overlap=overlap, norm=config.norm, norm_passes=config.norm_passes)
-    sc, tc = preset.spatial_compression, preset.temporal_compression
-    tried: dict[TilePlan, int] = {}
-
-    def cost(plan: TilePlan) -> int:
-        if plan not in tried:
-            tried[plan] = calibrated(estimate_bytes(preset, shape, dtype, plan, encode, device), device)
-        return tried[plan]
-
-    def done(plan: TilePlan) -> TilePlan:
-        estimate = cost(plan)
-        return replace(plan, estimated_bytes=estimate, fits=estimate <= budget)
-
-    if cost(base) <= budget:
-        return done(base)
-
-    # Temporal splits, ascending: exact chunks where the family allows them, else overlapped tiles.
-    if preset.family == "dc_ae":
-        frames = shape[2] if encode else _decoded_frames(preset, shape[2])
-        kind, sizes = "tiles", _valid_sizes(frames, 4 * tc, lambda s: _axis_ok(s, tc, overlap, encode))
-        if not encode:
-            sizes = [s for s in sizes if not _drops_frames(preset, shape[2], _axis(s // tc, s, tc, overlap, False))]
-    else:
-        latent_frames = (shape[2] - 1) // tc + 1 if encode and preset.causal else shape[2]
-        # A causal chunk of k latent frames comes after a first chunk of k + 1: at least two chunks.
-        kind, sizes = "chunks", list(range(1, latent_frames - 1 if preset.causal else latent_frames))
-    sides = max(shape[3:]) * (1 if encode else sc)
-    tiles = _valid_sizes(sides, 4 * sc, lambda s: _axis_ok(s, sc, overlap, encode))
-
-    def plan(size: int = 0, tile: int = 0) -> TilePlan:
-        return replace(base, temporal=kind if size else "none", temporal_size=size, spatial_tile=tile)
-
-    size = _largest(sizes, lambda s: cost(plan(s)) <= budget)
-    if size is not None:
-        return done(plan(size))
-    smallest = sizes[0] if sizes else 0
-    tile = _largest(tiles, lambda t: cost(plan(smallest, t)) <= budget)
-    if tile is None:  # nothing fits: the cheapest plan tried, marked as not fitting
-        cost(plan(smallest, tiles[0] if tiles else 0))
-        return done(min(tried, key=tried.__getitem__))
-    size = _largest(sizes, lambda s: cost(plan(s, tile)) <= budget) or smallest
-    return done(plan(size, tile))
-
-
-def _axis_ok(size: int, ratio: int, overlap: float, encode: bool) -> bool:
+def axis_ok(size: int, ratio: int, overlap: float, encode: bool) -> bool:
     try:
         if encode:
-            _axis(size, size // ratio, ratio, overlap, True)
+            tile_axis(size, size // ratio, ratio, overlap, True)
         else:
-            _axis(size // ratio, size, ratio, overlap, False)
+            tile_axis(size // ratio, size, ratio, overlap, False)
     except ValueError:
         return False
     return True
 
 
-def _extents(length: int, size: int, stride: int) -> list[int]:
+def extents(length: int, size: int, stride: int) -> list[int]:
     """The distinct lengths of the tiles along an axis (full tiles and the shorter last ones)."""
     return sorted({min(size, length - start) for start in range(0, length, stride)})
-
-
-def _valid_sizes(below: int, step: int, ok: Callable[[int], bool]) -> list[int]:
-    """Multiples of `step` under `below` that `ok` accepts, ascending."""
-    return [s for s in range(step, below, step) if ok(s)]
-
-
-def _largest(values: list[int], fits: Callable[[int], bool]) -> int | None:
-    """The largest of ascending `values` that fits, by bisection (memory grows with the value)."""
-    lo, hi, best = 0, len(values) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        if fits(values[mid]):
-            best, lo = values[mid], mid + 1
-        else:
-            hi = mid - 1
-    return best
-
-
-# -- memory estimate ------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=16)
-def _meta_model(preset: VAEPreset, dtype: torch.dtype) -> nn.Module:
-    # Never inference tensors (the job plans under inference mode): composite ops on those reach
-    # the tracer undecomposed, hiding their temporaries.
-    with torch.inference_mode(False), torch.device("meta"):
-        return preset.build(preset.params).to(dtype).eval().requires_grad_(False)
-
-
-def estimate_bytes(
-    preset: VAEPreset,
-    shape: Sequence[int],
-    dtype: torch.dtype,
-    plan: TilePlan = TilePlan(),
-    encode: bool = True,
-    device: str = "cuda",
-) -> int:
-    """Peak activation bytes of `encode_video` (or `decode_video`) for `shape` under `plan`, uncalibrated.
-
-    The largest unit of work (the whole call if untiled; else one spatial tile of one temporal
-    tile, or the first two chunks of a causal stream, or one FLUX chunk) is traced on the meta
-    device through the same code (`vae/memory.py`). What outlives a unit is added from the
-    shapes: the assembled output, the tiles kept for blending, a stream's keys/values and
-    outputs for the frames after the traced ones, and the posterior tensors. Tracing costs
-    ~0.1 ms per op, so only a unit is traced (and each estimate is cached). `vae.memory.calibrated`
-    adds the device's overhead.
-    """
-    return _estimate(preset, tuple(shape), dtype, replace(plan, estimated_bytes=None, fits=True), encode, device)
-
-
-@functools.lru_cache(maxsize=1024)
-def _estimate(preset: VAEPreset, shape: Shape, dtype: torch.dtype, plan: TilePlan, encode: bool, device: str) -> int:
-    with torch.inference_mode(False):  # meta inputs must not be inference tensors (see _meta_model)
-        return _traced_estimate(preset, shape, dtype, plan, encode, device)
-
-
-def _traced_estimate(
-    preset: VAEPreset, shape: Shape, dtype: torch.dtype, plan: TilePlan, encode: bool, device: str
-) -> int:
-    model = _meta_model(preset, dtype)
-    b, c, t, h, w = shape
-    if plan.untiled:
-        x = torch.empty(tuple(shape), device="meta", dtype=dtype)
-        if encode:
-            return traced_peak_bytes(lambda: encode_video(model, preset, x, sample=True, tiling=plan), device)
-        return traced_peak_bytes(lambda: decode_video(model, preset, x, tiling=plan), device)
-
-    spatial, temporal = _geometry(preset, plan, encode)
-    tiled_t = temporal is not None and t > temporal.size - temporal.causal
-    tiled_s = spatial is not None and max(h, w) > spatial.size
-    unit_t = temporal.size if tiled_t else t
-    unit_h, unit_w = (min(h, spatial.size), min(w, spatial.size)) if tiled_s else (h, w)
-    streamed = plan.temporal == "chunks" and preset.family == "causal_3d"
-    if plan.temporal == "chunks":
-        step = plan.temporal_size * (preset.temporal_compression if encode else 1)
-        unit_t = min(t, 1 + 2 * step) if streamed else min(t, plan.temporal_size)
-    fn = _encode_fn(model, preset, plan) if encode else _decode_fn(model, preset, plan)
-
-    def trace(extent: tuple[int, int, int]) -> tuple[int, Tensor]:
-        x = torch.empty((b, c, *extent), device="meta", dtype=dtype)
-        result: list[Tensor] = []
-        return traced_peak_bytes(lambda: result.append(fn(x)), device), result[0]
-
-    peak, unit_out = trace((unit_t, unit_h, unit_w))
-    if device == "cpu":
-        # On CPU a shorter edge tile can cost more than a full one: below a size threshold
-        # PyTorch switches to a convolution with a much larger scratch buffer (vae/memory.py).
-        ts = _extents(t, temporal.size, temporal.stride) if tiled_t else [unit_t]
-        hs = _extents(h, spatial.size, spatial.stride) if tiled_s else [unit_h]
-        ws = _extents(w, spatial.size, spatial.stride) if tiled_s else [unit_w]
-        edges = {(ti, hi, wi) for ti in ts for hi in hs for wi in ws} - {(unit_t, unit_h, unit_w)}
-        peak = max([peak] + [trace(extent)[0] for extent in edges])
-    elem = unit_out.element_size()
-    sc = preset.spatial_compression
-    if encode:
-        out_extent = preset.latent_shape(t, h, w)[1:]
-    else:
-        out_extent = (_decoded_frames(preset, t), h * sc, w * sc)
-    per_position = unit_out.numel() // math.prod(unit_out.shape[2:]) * elem  # bytes per output position
-    held = per_position * math.prod(out_extent)  # the assembled output
-    unit_bytes = unit_out.numel() * elem
-    if tiled_t:  # the previous temporal tile, and the current one while it is assembled in space
-        held += 2 * unit_bytes * (out_extent[1] * out_extent[2]) // math.prod(unit_out.shape[3:])
-    if tiled_s:  # the row of tiles above and the current row
-        held += 2 * math.ceil(w / spatial.stride) * unit_bytes
-    if streamed:  # keys/values and outputs of the frames after the two traced chunks
-        latent_frames = t if not encode else out_extent[0]
-        later = latent_frames - ((unit_t - 1) // preset.temporal_compression + 1 if encode else unit_t)
-        latent_area = (unit_h // sc) * (unit_w // sc) if encode else unit_h * unit_w
-        kv = 2 * b * latent_area * preset.params.block_out_channels[-1] * elem
-        out_per_latent_frame = unit_bytes // unit_out.shape[2] * (1 if encode else preset.temporal_compression)
-        held += later * (kv * preset.params.mid_block_add_attention + out_per_latent_frame)
-    if encode and preset.variational:  # clamped log-variance, std, var, noise, sample, scaled latent
-        held += 3 * per_position * math.prod(out_extent)
-    return peak + held
