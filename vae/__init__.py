@@ -3,6 +3,7 @@
 Nothing here knows about Ray, tar files or Parquet.
 """
 
+from vae.codec import decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
 from vae.loading import (
     CheckpointError,
     check_checkpoint,
@@ -13,17 +14,25 @@ from vae.loading import (
 )
 from vae.posterior import DiagonalGaussianDistribution
 from vae.presets import VAEPreset, get_preset, list_presets, register_preset, resolve_name
+from vae.tiling import TilePlan, TilingConfig
 
 __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "checkpoint_sha256",
     "DiagonalGaussianDistribution",
+    "TilePlan",
+    "TilingConfig",
     "VAEPreset",
+    "decode_video",
+    "encode_video",
+    "estimate_bytes",
     "file_sha256",
     "get_preset",
     "list_presets",
     "load_vae",
+    "plan_decode",
+    "plan_encode",
     "read_state_dict",
     "register_preset",
     "resolve_name",
