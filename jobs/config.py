@@ -20,10 +20,21 @@ from typing import Any
 
 import yaml
 
+from vae import TilingConfig
+
 # Bumped whenever the bytes written for the same inputs and settings change.
 FORMAT_VERSION = 1
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class TilingSection:
+    # auto: untiled when the clip fits the memory budget, else exact temporal chunks, else tiles;
+    # opensora: Open-Sora's training-time tiles (to reproduce its trainer's latents exactly); off
+    mode: str = "auto"
+    memory_budget_gb: float | None = None  # per encoder call; None = 90% of free GPU memory (CPU: unbounded)
+    causal_norm: str = "causal"  # GroupNorm statistics of causal-VAE chunks (see vae/causal_3d_stream.py)
 
 
 @dataclass
@@ -33,6 +44,7 @@ class VAEConfig:
     dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU, float32 on CPU
     sample: bool = True  # store a posterior sample (Open-Sora's default) instead of the mode
     seed: int = 0  # per-sample posterior noise is seeded from (seed, key): reruns are identical
+    tiling: TilingSection = field(default_factory=TilingSection)
 
 
 @dataclass
@@ -93,6 +105,15 @@ class JobConfig:
                 raise ValueError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
             raise ValueError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+        t = self.vae.tiling
+        if t.mode not in ("auto", "off", "opensora"):
+            raise ValueError(f"vae.tiling.mode must be auto, off or opensora; got '{t.mode}'")
+        if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
+            raise ValueError(f"vae.tiling.memory_budget_gb must be positive; got {t.memory_budget_gb}")
+        try:
+            self.tiling()
+        except ValueError as e:
+            raise ValueError(f"vae.tiling: {e}") from None
         if not self.video.extensions:
             raise ValueError("video.extensions is empty")
         # webdataset lower-cases member suffixes, so the extensions are compared lower-cased.
@@ -100,6 +121,12 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def tiling(self) -> TilingConfig:
+        """The `vae.TilingConfig` of this job's `vae.tiling` section."""
+        t = self.vae.tiling
+        budget = None if t.memory_budget_gb is None else int(t.memory_budget_gb * 2**30)
+        return TilingConfig(mode=t.mode, memory_budget=budget, norm=t.causal_norm)  # type: ignore[arg-type]
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
@@ -157,6 +184,10 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ValueError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value

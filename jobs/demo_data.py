@@ -73,7 +73,9 @@ def synth_video(rng: np.random.Generator, width: int, height: int, num_frames: i
     return DemoVideo(frames=frames, fps=fps, caption=f"{described} moving over a soft gradient")
 
 
-def encode_video(frames: np.ndarray, fps: int, codec: str = "libx264", container: str = "mp4", crf: int = 18) -> bytes:
+def video_file_bytes(
+    frames: np.ndarray, fps: int, codec: str = "libx264", container: str = "mp4", crf: int = 18
+) -> bytes:
     """Encodes `T H W 3` uint8 frames into a video file in memory."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format=container) as out:
@@ -98,7 +100,7 @@ def demo_sample(seed: int, index: int, min_frames: int = 20, max_frames: int = 4
     num_frames = int(rng.integers(min_frames, max_frames + 1))
     fps = FRAME_RATES[rng.integers(len(FRAME_RATES))]
     video = synth_video(rng, width, height, num_frames, fps)
-    members = {"mp4": encode_video(video.frames, fps)}
+    members = {"mp4": video_file_bytes(video.frames, fps)}
     if index % 2 == 0:
         members["txt"] = video.caption.encode()
     else:

@@ -72,6 +72,7 @@ SCHEMA = pa.schema(
         ("vae_checkpoint", pa.string()),  # file name of the weights ("" = random init)
         ("vae_checkpoint_sha256", pa.string()),
         ("vae_dtype", pa.string()),  # compute dtype
+        ("tiling", pa.string()),  # how the encode was split ("untiled", chunks, tiles; see vae/tiling.py)
         ("scale_factor", pa.float64()),
         ("shift_factor", pa.float64()),
         ("scaling", pa.string()),  # the formula relating stored latents to the raw VAE latent

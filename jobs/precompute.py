@@ -148,6 +148,7 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
         "format_version": FORMAT_VERSION,
         "vae": {**preset.describe(), "checkpoint_sha256": sha, "dtype": config.vae.dtype},
         "sampling": {"sample": config.vae.sample, "seed": config.vae.seed},
+        "tiling": dataclasses.asdict(config.vae.tiling),
         "video": dataclasses.asdict(config.video),
         "latents": dataclasses.asdict(config.latents),
     }

@@ -44,7 +44,7 @@ from jobs.media import preview_grid, save_clip, to_uint8, write_png
 from jobs.metrics import luma, psnr, ssim
 from jobs.reader import read_shard, split_sample
 from jobs.video import VideoError, read_clip
-from vae import CheckpointError, file_sha256, get_preset, load_vae
+from vae import CheckpointError, TilingConfig, VAEPreset, checkpoint_sha256, decode_video, get_preset, load_vae
 
 DEFAULT_LIMIT = 8
 SSIM_WINDOW = 11
@@ -92,8 +92,8 @@ def load_job(root: str | Path) -> Job:
         raise UsageError(f"{path} is not a precompute job file ({type(e).__name__}: {e})") from None
 
 
-def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, str]:
-    """The job's VAE with the job's weights; returns it and a description of the weights.
+def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, VAEPreset, str]:
+    """The job's VAE with the job's weights; returns it, its preset and a description of the weights.
 
     Raises:
         UsageError: Unknown or changed preset, missing checkpoint, or a checkpoint whose sha256
@@ -111,20 +111,24 @@ def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple
         raise UsageError(f"VAE preset '{vae.name}' is not the one the job used (changed: {', '.join(sorted(changed))})")
     expected = recorded["checkpoint_sha256"]
     dtype = getattr(torch, recorded["dtype"])
-    path = checkpoint or vae.checkpoint
+    if preset.weights and checkpoint:
+        raise UsageError(f"'{vae.name}' is a model folder: it is its own checkpoint (no --checkpoint)")
+    path = checkpoint or vae.checkpoint or preset.weights or None  # a diffusers folder is its own checkpoint
     if path is None:
-        return load_vae(preset, None, device=device, dtype=dtype, seed=vae.seed), f"random init, seed {vae.seed}"
-    if not os.path.isfile(path):
+        model = load_vae(preset, None, device=device, dtype=dtype, seed=vae.seed)
+        return model, preset, f"random init, seed {vae.seed}"
+    if not os.path.exists(path):
         hint = "" if checkpoint else " (the job's checkpoint; pass --checkpoint FILE if it moved)"
         raise UsageError(f"checkpoint not found: {path}{hint}")
-    sha = file_sha256(path)
+    sha = checkpoint_sha256(path)
     if sha != expected:
         made_with = "random weights" if expected.startswith("random-init") else f"sha256 {expected[:12]}..."
         raise UsageError(
             f"{path} (sha256 {sha[:12]}...) is not the checkpoint these latents were made with ({made_with})"
         )
     try:
-        return load_vae(preset, path, device=device, dtype=dtype), f"{path} (sha256 {sha[:12]}...)"
+        model = load_vae(preset, None if preset.weights else path, device=device, dtype=dtype)
+        return model, preset, f"{path} (sha256 {sha[:12]}...)"
     except CheckpointError as e:
         raise UsageError(str(e)) from None
 
@@ -196,10 +200,10 @@ def stem_for(key: str, used: set[str]) -> str:
 
 
 @torch.inference_mode()
-def decode(model: nn.Module, latent: Tensor, device: torch.device) -> Tensor:
-    """Decodes one stored `C T H W` latent to a `C T H W` float32 clip on the CPU."""
+def decode(model: nn.Module, preset: VAEPreset, latent: Tensor, tiling: TilingConfig, device: torch.device) -> Tensor:
+    """Decodes one stored `C T H W` latent to a `C T H W` float32 clip on the CPU (tiled as the job was)."""
     dtype = next(model.parameters()).dtype
-    return model.decode(latent[None].to(device, dtype))[0].float().cpu()
+    return decode_video(model, preset, latent[None].to(device, dtype), tiling=tiling)[0].float().cpu()
 
 
 def measure(original: Tensor, recon: Tensor) -> tuple[float, float | None]:
@@ -217,6 +221,7 @@ def reconstruct(
     job: Job,
     rows: list[dict[str, Any]],
     model: nn.Module,
+    preset: VAEPreset,
     device: torch.device,
     output: Path,
     preview_frames: int,
@@ -227,7 +232,7 @@ def reconstruct(
     for row in rows:
         key = row["key"]
         latent = load_sample(job.root, row)["latent"]
-        recon = decode(model, latent, device)
+        recon = decode(model, preset, latent, job.config.tiling(), device)
         try:
             clip = read_clip(videos[row["source"], key], row["num_frames"], row["height"], row["width"]).pixels
         except VideoError as e:
@@ -342,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
         rows = select_rows(job.root, keys, args.limit)
         check_sources([r["source"] for r in rows])
-        model, weights = build_model(job, args.checkpoint, device)
+        model, preset, weights = build_model(job, args.checkpoint, device)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         print(f"reconstructing {len(rows)} samples of {job.root} with {job.config.vae.name}", file=sys.stderr)
-        results = reconstruct(job, rows, model, device, output, args.preview_frames)
+        results = reconstruct(job, rows, model, preset, device, output, args.preview_frames)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from jobs.latent_format import ShardWriter
 from jobs.reader import RawSample, read_shard, split_sample
 from jobs.shards import Shard
 from jobs.video import Clip, VideoError, read_clip
-from vae import load_vae
+from vae import encode_video, get_preset, load_vae, plan_encode
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class ShardEncoder:
         self.model = load_vae(
             config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
         )
+        self.preset = get_preset(config.vae.name)
+        self.tiling = config.tiling()
         self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
         # The actor's CPUs are shared by its decoding threads.
         self.ffmpeg_threads = max(1, config.run.cpus_per_worker // config.run.decode_threads)
@@ -206,13 +208,18 @@ class ShardEncoder:
         x = x.to(self.device, self.dtype, non_blocking=True)
         seed = self.config.vae.seed
         generators = [torch.Generator().manual_seed(sample_seed(seed, item.raw.key)) for item in items]
+        # Planned per input shape (and cached): untiled when it fits the memory budget.
+        plan = plan_encode(self.preset, tuple(x.shape), x.dtype, self.tiling, x.device)
         try:
-            z, posterior = self.model.encode(x, sample=self.config.vae.sample, generator=generators)
+            z, posterior = encode_video(
+                self.model, self.preset, x, sample=self.config.vae.sample, generator=generators, tiling=plan
+            )
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             raise
         out = []
-        for i in range(len(items)):
+        for i, item in enumerate(items):
+            item.fields["tiling"] = plan.describe()
             tensors = {"latent": z[i]}
             if self.config.latents.store_posterior and posterior is not None:
                 tensors.update(mean=posterior.mean[i], logvar=posterior.logvar[i])

@@ -16,13 +16,14 @@ import webdataset as wds
 from conftest import small_config
 from safetensors.torch import load as load_safetensors
 
-from jobs.demo_data import demo_sample, encode_video, synth_video, write_shard
+from jobs.config import TilingSection
+from jobs.demo_data import demo_sample, synth_video, video_file_bytes, write_shard
 from jobs.latent_format import SCHEMA, load_sample, read_metadata
 from jobs.precompute import UsageError, main, run
 from jobs.reader import read_shard
 from jobs.video import read_clip
 from jobs.worker import sample_seed
-from vae import load_vae
+from vae import encode_video, get_preset, load_vae, plan_encode
 
 
 def _digests(root):
@@ -125,7 +126,7 @@ def test_broken_samples_become_error_rows(ray_cluster, tmp_path):
         ("ok-1", good),
         ("garbage", {"mp4": b"\x00\x01 not a video" * 64, "txt": b"noise"}),
         ("no-video", {"json": b'{"caption": "orphan"}'}),
-        ("short", {"mp4": encode_video(frames, 24), "txt": b"five frames"}),
+        ("short", {"mp4": video_file_bytes(frames, 24), "txt": b"five frames"}),
         ("cut", {"mp4": good["mp4"][: len(good["mp4"]) // 2], "txt": b"truncated"}),
         ("ok-2", demo_sample(seed=0, index=1)),
         ("ok-1", good),  # the same key again, not adjacent
@@ -221,6 +222,30 @@ def test_frame_and_size_rules_refuse_or_adapt(ray_cluster, demo_shards, tmp_path
     row = read_metadata(tmp_path / "o").to_pylist()[0]
     assert (row["num_frames"], row["height"], row["width"]) == (5, 32, 40)
     assert row["latent_shape"] == [16, 2, 4, 5] and row["vae"] == "hunyuan-vae-tiny"
+
+
+def test_memory_budget_tiles_the_encode_and_records_it(ray_cluster, demo_shards, tmp_path):
+    """A causal-VAE job under a tiny memory budget: chunked/tiled encode, recorded per row."""
+    tiling = {"mode": "auto", "memory_budget_gb": 0.03}
+    config = small_config(
+        demo_shards[:1], tmp_path / "o", vae={"name": "hunyuan-vae-tiny", "tiling": TilingSection(**tiling)}
+    )
+    config.video.num_frames = 9
+    summary = run(config)
+    assert summary.ok == 4
+    rows = read_metadata(tmp_path / "o").to_pylist()
+    plan = plan_encode(get_preset("hunyuan-vae-tiny"), (2, 3, 9, 64, 64), torch.float32, config.tiling())
+    assert not plan.untiled and {r["tiling"] for r in rows} == {plan.describe()}
+    model = load_vae("hunyuan-vae-tiny")
+    sample = next(read_shard(str(demo_shards[0]), print))
+    clip = read_clip(sample.files["mp4"], 9, 64, 64).pixels[None]
+    gen = [torch.Generator().manual_seed(sample_seed(0, sample.key))]
+    with torch.inference_mode():
+        expected, _ = encode_video(model, get_preset("hunyuan-vae-tiny"), clip, generator=gen, tiling=plan)
+    stored = load_sample(tmp_path / "o", rows[0])["latent"]
+    torch.testing.assert_close(stored, expected[0], atol=1e-5, rtol=1e-5)
+    job = json.loads((tmp_path / "o" / "job.json").read_text())
+    assert job["settings"]["tiling"] == {"mode": "auto", "memory_budget_gb": 0.03, "causal_norm": "causal"}
 
 
 def test_cli_entrypoint_exit_status_and_list_vaes():

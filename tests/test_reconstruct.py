@@ -73,7 +73,7 @@ def test_writes_videos_previews_and_report(random_job, tmp_path, capsys):
 def test_rebuilds_the_job_model_and_clip(random_job):
     """The rebuilt random-init VAE, fed the re-read source clip, gives back the stored latent."""
     job = reconstruct.load_job(random_job)
-    model, _ = reconstruct.build_model(job, None, torch.device("cpu"))
+    model, _, _ = reconstruct.build_model(job, None, torch.device("cpu"))
     row = next(r for r in read_metadata(random_job).to_pylist() if r["key"] == "clip-000003")
     video = next(split_sample(s, ["mp4"]).video for s in read_shard(row["source"], print) if s.key == row["key"])
     clip = read_clip(video, row["num_frames"], row["height"], row["width"]).pixels

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.demo_data import encode_video, synth_video
+from jobs.demo_data import synth_video, video_file_bytes
 from jobs.video import VideoError, read_clip, resize_crop
 
 
@@ -16,7 +16,7 @@ def frames() -> np.ndarray:
 
 
 def test_reads_first_frames_resized_and_cropped(frames):
-    data = encode_video(frames, fps=24, crf=0)  # near-lossless, to compare pixel values
+    data = video_file_bytes(frames, fps=24, crf=0)  # near-lossless, to compare pixel values
     clip = read_clip(data, num_frames=10, height=32, width=32)
     assert clip.pixels.shape == (3, 10, 32, 32)
     assert clip.pixels.dtype == torch.float32
@@ -43,7 +43,7 @@ def test_resize_crop_rounds_like_open_sora():
 
 def test_too_short_video(frames):
     with pytest.raises(VideoError, match="too short: decoded 24 frames, need 30"):
-        read_clip(encode_video(frames, fps=24), num_frames=30, height=32, width=32)
+        read_clip(video_file_bytes(frames, fps=24), num_frames=30, height=32, width=32)
 
 
 def test_garbage_bytes():
@@ -65,7 +65,7 @@ def test_truncated_mp4_is_reported(frames, tmp_path):
     with pytest.raises(VideoError, match=r"too short: decoded \d+ frames although the container claims 24"):
         read_clip(data[: int(len(data) * 0.8)], num_frames=24, height=32, width=32)
     # Without faststart the index is at the end: a cut file does not even open.
-    plain = encode_video(frames, fps=24)
+    plain = video_file_bytes(frames, fps=24)
     with pytest.raises(VideoError, match="cannot open video"):
         read_clip(plain[: len(plain) // 2], num_frames=4, height=32, width=32)
 
@@ -84,6 +84,6 @@ def test_audio_only_file(tmp_path):
 
 
 def test_other_containers(frames):
-    data = encode_video(frames, fps=25, codec="mpeg4", container="avi")
+    data = video_file_bytes(frames, fps=25, codec="mpeg4", container="avi")
     clip = read_clip(data, num_frames=5, height=48, width=48)
     assert clip.pixels.shape == (3, 5, 48, 48) and clip.info.codec == "mpeg4"

@@ -24,6 +24,7 @@ from vae.memory import available_bytes, calibrated, traced_peak_bytes
 from vae.posterior import DiagonalGaussianDistribution
 from vae.presets import VAEPreset
 from vae.tiling import (
+    OPENSORA_TRAINING,
     TilePlan,
     TilingConfig,
     axis_ok,
@@ -111,6 +112,10 @@ def _plan(
     preset: VAEPreset, shape: Shape, dtype: torch.dtype, config: TilingConfig, device: torch.device, encode: bool
 ) -> TilePlan:
     if config.mode == "off":
+        return TilePlan()
+    if preset.family not in OPENSORA_TRAINING:  # e.g. a diffusers VAE: it runs whole
+        if config.mode == "opensora":
+            raise ValueError(f"no Open-Sora tiling for VAE family {preset.family!r}; use tiling mode off or auto")
         return TilePlan()
     if config.mode == "opensora":
         return opensora_plan(preset, config)
