@@ -40,8 +40,24 @@ def head_node(tmp_path):
     }
     env.pop("RAY_ADDRESS", None)
     dashboard = f"http://127.0.0.1:{_free_port()}"
+    # Every service on a port of its own: the session's embedded cluster (other tests) already
+    # holds Ray's default ports, e.g. the dashboard agent's 52365, and a clash leaves the head
+    # without a job agent ("No available agent to submit job").
+    ports = [
+        f"--{name}={_free_port()}"
+        for name in (
+            "port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    ]
     head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", f"--port={_free_port()}", "--dashboard-host=127.0.0.1"]
+        [str(bin_dir / "ray"), "start", "--head", "--dashboard-host=127.0.0.1", *ports]
         + [f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", "--num-cpus=2", "--disable-usage-stats", "--block"],
         env=env,
         start_new_session=True,
@@ -78,7 +94,7 @@ def test_ray_job_submit_joins_the_cluster(head_node, demo_shards, tmp_path):
     while True:
         submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
         log = submit.stdout + submit.stderr
-        # The dashboard answers before the node's job agent is up; Ray says to try again then.
+        # The dashboard can answer before the node's job agent is up; Ray says to try again then.
         if "No available agent to submit job" not in log or time.monotonic() > deadline:
             break
         time.sleep(2)
