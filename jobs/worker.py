@@ -87,10 +87,10 @@ class ShardEncoder:
             torch.set_num_threads(config.run.cpus_per_worker)
         self.dtype = getattr(torch, config.vae.dtype)
         self.latent_dtype = getattr(torch, config.latents.dtype)
+        self.preset = get_preset(config.vae.name)  # resolved once (a diffusers folder reads its config.json)
         self.model = load_vae(
-            config.vae.name, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
+            self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
         )
-        self.preset = get_preset(config.vae.name)
         self.tiling = config.tiling()
         self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
         # The actor's CPUs are shared by its decoding threads.

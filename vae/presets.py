@@ -133,6 +133,10 @@ class VAEPreset:
         }
 
 
+# The scaling of the FLUX AE and the causal 3D VAE (Open-Sora and diffusers agree on it).
+AFFINE_SCALING = "latent = scale_factor * (z - shift_factor); z = latent / scale_factor + shift_factor"
+
+
 def _flux(name: str, params: AutoEncoder2DParams, checkpoint: str, notes: str) -> VAEPreset:
     return VAEPreset(
         name=name,
@@ -147,7 +151,7 @@ def _flux(name: str, params: AutoEncoder2DParams, checkpoint: str, notes: str) -
         variational=True,
         scale_factor=params.scale_factor,
         shift_factor=params.shift_factor,
-        scaling="latent = scale_factor * (z - shift_factor); z = latent / scale_factor + shift_factor",
+        scaling=AFFINE_SCALING,
         checkpoint=checkpoint,
         source="FLUX ae.safetensors config (black-forest-labs/flux); Open-Sora v2 autoencoder_2d",
         notes=notes,
@@ -174,7 +178,7 @@ def _hunyuan(name: str, params: Causal3DParams, checkpoint: str, notes: str) -> 
         variational=True,
         scale_factor=params.scale_factor,
         shift_factor=params.shift_factor,
-        scaling="latent = scale_factor * (z - shift_factor); z = latent / scale_factor + shift_factor",
+        scaling=AFFINE_SCALING,
         checkpoint=checkpoint,
         key_prefixes=_HUNYUAN_PREFIXES,
         source="HunyuanVideo AutoencoderKLCausal3D config (Tencent/HunyuanVideo); Open-Sora v2 hunyuan_vae; "
