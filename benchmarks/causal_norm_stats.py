@@ -35,7 +35,7 @@ import torch
 from vae import VAEPreset, get_preset, load_vae
 from vae.causal_3d import AutoencoderKLCausal3D, Causal3DParams
 from vae.codec import encode_video
-from vae.tiling import TilePlan
+from vae.spec import TilePlan
 
 
 def synthetic_video(batch: int, frames: int, size: int, seed: int, cut: int | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 from vae import DiagonalGaussianDistribution, VAEPreset, get_preset, load_vae
 from vae.codec import encode_video, estimate_bytes, plan_encode
 from vae.memory import calibrated, measure_peak_bytes
-from vae.tiling import TilePlan, TilingConfig
+from vae.spec import TilePlan, TilingConfig
 
 # (preset, input shapes B C T H W) per device: the same frame at two clip lengths, so that the
 # auto rows (whose budgets are fixed per preset from the first shape) show the peak staying put
@@ -63,11 +63,11 @@ class Row:
 def _plans(preset: VAEPreset, shape: tuple[int, ...], budgets: list[int], device: str) -> list[tuple[str, TilePlan]]:
     """Exact chunks where the family has them, then "auto" under each budget."""
     plans: list[tuple[str, TilePlan]] = []
-    if preset.family == "causal_3d":
+    if preset.family.stream_kv_channels is not None:  # a streaming encoder: chunks and its norm choices
         k = 8  # latent frames per chunk (32 frames; the first chunk 33)
         plans += [(f"chunks {k}, norm {n}", TilePlan("chunks", k, norm=n)) for n in ("causal", "chunk")]
         plans.append((f"chunks {k}, norm clip x2", TilePlan("chunks", k, norm="clip", norm_passes=2)))
-    elif preset.family == "autoencoder_2d":
+    elif preset.family.temporal_split == "chunks":  # independent frames
         plans.append(("chunks of 4 frames", TilePlan("chunks", 4)))
     for budget in budgets:
         plan = plan_encode(preset, shape, config=TilingConfig("auto", memory_budget=budget), device=device)

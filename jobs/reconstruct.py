@@ -18,9 +18,10 @@ original is frame-aligned with the reconstruction. Written into REPORT_DIR:
 
 Metrics compare the clip the VAE was given (float, [0, 1]) with the reconstruction as the
 8-bit pixels handed to the video encoder (the H.264 file itself is for viewing): PSNR in dB
-over all pixels, frames and RGB channels; SSIM (`jobs.metrics`) on BT.601 luma, per frame,
-averaged over frames. Exit status: 0 done, 2 unusable input (not a latent dataset, unknown
-key, missing source shard or checkpoint, checkpoint with another sha256).
+over all pixels, frames and RGB channels; SSIM (`jobs.quality.metrics`) on BT.601 luma, per
+frame, averaged over frames. Exit status: 0 done; 2 unusable input (not a latent dataset, unknown
+key, missing source shard or checkpoint, checkpoint with another sha256), with a one-line
+reason; 1 on any other failure, with its traceback.
 """
 
 from __future__ import annotations
@@ -38,29 +39,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from jobs.config import JobConfig, from_dict
-from jobs.latent_format import JOB_FILE, load_sample, read_metadata
-from jobs.media import preview_grid, save_clip, to_uint8, write_png
-from jobs.metrics import luma, psnr, ssim
-from jobs.reader import read_shard, split_sample
-from jobs.video import VideoError, read_clip
-from vae import CheckpointError, TilingConfig, VAEPreset, checkpoint_sha256, decode_video, get_preset, load_vae
+from jobs.dataset.catalog import DatasetError, read_job
+from jobs.dataset.layout import JOB_FILE
+from jobs.dataset.reader import load_sample, read_metadata
+from jobs.inputs.shards import Shard
+from jobs.inputs.tar_samples import read_shard, split_sample
+from jobs.inputs.video import VideoError, read_clip
+from jobs.orchestration.config import JobConfig, UsageError, from_dict
+from jobs.orchestration.settings import RecordedVAE, recorded_vae, usable_preset
+from jobs.quality.media import preview_grid, save_clip, to_uint8, write_png
+from jobs.quality.metrics import luma, psnr, ssim
+from vae import CheckpointError, TilingConfig, VAEPreset, decode_video, load_vae
+from vae.registry import RANDOM_INIT
 
 DEFAULT_LIMIT = 8
 SSIM_WINDOW = 11
-# Keys of the recorded VAE settings that are not part of the preset itself.
-_NOT_PRESET = {"checkpoint_sha256", "dtype"}
-
-
-class UsageError(ValueError):
-    """Input that cannot be reconstructed (exit status 2)."""
 
 
 @dataclass
 class Job:
     root: Path
     config: JobConfig
-    settings: dict[str, Any]
+    vae: RecordedVAE
     fingerprint: str
 
 
@@ -81,15 +81,13 @@ class SampleResult:
 def load_job(root: str | Path) -> Job:
     """Reads `DIR/job.json`, the resolved config and settings of a precompute job."""
     root = Path(root)
-    path = root / JOB_FILE
-    if not path.is_file():
-        raise UsageError(f"{root} is not a latent dataset (no {JOB_FILE})")
     try:
-        data = json.loads(path.read_text())
-        config = from_dict(JobConfig, data["config"])
-        return Job(root, config, data["settings"], data["fingerprint"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{path} is not a precompute job file ({type(e).__name__}: {e})") from None
+        record = read_job(root)
+        return Job(root, from_dict(JobConfig, record.config), recorded_vae(record.settings), record.fingerprint)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"{root / JOB_FILE} is not a precompute job file ({type(e).__name__}: {e})") from None
 
 
 def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, VAEPreset, str]:
@@ -100,17 +98,12 @@ def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple
             is not the one recorded by the job.
     """
     vae = job.config.vae
-    try:
-        preset = get_preset(vae.name)
-    except KeyError as e:
-        raise UsageError(e.args[0]) from None
-    recorded = job.settings["vae"]
-    current = json.loads(json.dumps(preset.describe()))
-    changed = [k for k in (current.keys() & recorded.keys()) - _NOT_PRESET if current[k] != recorded[k]]
+    preset = usable_preset(vae.name)
+    changed = job.vae.changes(preset)
     if changed:
-        raise UsageError(f"VAE preset '{vae.name}' is not the one the job used (changed: {', '.join(sorted(changed))})")
-    expected = recorded["checkpoint_sha256"]
-    dtype = getattr(torch, recorded["dtype"])
+        raise UsageError(f"VAE preset '{vae.name}' is not the one the job used (changed: {', '.join(changed)})")
+    expected = job.vae.sha256
+    dtype = getattr(torch, job.vae.dtype)
     if preset.weights and checkpoint:
         raise UsageError(f"'{vae.name}' is a model folder: it is its own checkpoint (no --checkpoint)")
     path = checkpoint or vae.checkpoint or preset.weights or None  # a diffusers folder is its own checkpoint
@@ -120,9 +113,9 @@ def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple
     if not os.path.exists(path):
         hint = "" if checkpoint else " (the job's checkpoint; pass --checkpoint FILE if it moved)"
         raise UsageError(f"checkpoint not found: {path}{hint}")
-    sha = checkpoint_sha256(path)
+    sha = preset.family.weights_sha256(path)
     if sha != expected:
-        made_with = "random weights" if expected.startswith("random-init") else f"sha256 {expected[:12]}..."
+        made_with = "random weights" if expected.startswith(RANDOM_INIT) else f"sha256 {expected[:12]}..."
         raise UsageError(
             f"{path} (sha256 {sha[:12]}...) is not the checkpoint these latents were made with ({made_with})"
         )
@@ -160,7 +153,7 @@ def select_rows(root: Path, keys: list[str] | None, limit: int) -> list[dict[str
 def check_sources(sources: list[str]) -> None:
     """Fails early, before any model work, if a local source shard is gone."""
     for source in dict.fromkeys(sources):
-        if "://" not in source and not source.startswith("pipe:") and not os.path.isfile(source):
+        if Shard(source, "").is_local and not os.path.isfile(source):
             raise UsageError(f"source shard {source} is missing (moved or deleted since the job ran?)")
 
 
@@ -288,7 +281,7 @@ def write_report(output: Path, job: Job, weights: str, device: torch.device, res
         "fingerprint": job.fingerprint,
         "vae": job.config.vae.name,
         "weights": weights,
-        "dtype": job.settings["vae"]["dtype"],
+        "dtype": job.vae.dtype,
         "device": str(device),
         "metrics": {
             "psnr": "dB over all pixels, frames and RGB channels in [0, 1]; null = identical",
@@ -352,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         output.mkdir(parents=True, exist_ok=True)
         print(f"reconstructing {len(rows)} samples of {job.root} with {job.config.vae.name}", file=sys.stderr)
         results = reconstruct(job, rows, model, preset, device, output, args.preview_frames)
-    except UsageError as e:
+    except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = write_report(output, job, weights, device, results)

@@ -32,8 +32,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from jobs.demo_data import demo_sample
-from jobs.metrics import psnr
-from jobs.video import read_clip
+from jobs.inputs.video import read_clip
+from jobs.quality.metrics import psnr
 from vae import get_preset, load_vae
 from vae.autoencoder_2d import AttnBlock, ResnetBlock
 
@@ -111,7 +111,7 @@ def train(args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     preset = get_preset(PRESET)
-    model = preset.build(preset.params).train()
+    model = preset.build().train()
     init_for_a_short_run(model, preset.params.z_channels)
     print(f"{PRESET}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)

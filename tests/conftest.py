@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
 from jobs.demo_data import write_demo_dataset
+from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from vae.causal_3d import (
     frame_causal_attention,
     level_factors,
 )
-from vae.loading import _strip
+from vae.checkpoint import strip_prefixes
 
 TINY = get_preset("hunyuan-vae-tiny").params
 # The released depth (2 resnets per encoder level, 3 per decoder level) at small widths,
@@ -93,7 +93,7 @@ def test_full_config_layout_on_meta_device():
     preset = get_preset("hunyuan-vae")
     assert preset.params == Causal3DParams()
     with torch.device("meta"):
-        model = preset.build(preset.params)
+        model = preset.build()
         ref = AutoencoderKLHunyuanVideo()
     state = model.state_dict()
     assert sum(t.numel() for t in model.parameters()) == 246_478_803
@@ -148,7 +148,7 @@ def test_missing_key_is_named(tmp_path):
 def test_prefixes_are_stripped_repeatedly_and_collisions_rejected(tmp_path):
     prefixes = get_preset("hunyuan-vae").key_prefixes
     for key in ("vae.quant_conv.weight", "module.vae.quant_conv.weight", "state_dict.vae.quant_conv.weight"):
-        assert _strip(key, prefixes) == "quant_conv.weight"
+        assert strip_prefixes(key, prefixes) == "quant_conv.weight"
     path = tmp_path / "twice.safetensors"
     save_file({"vae.quant_conv.bias": torch.zeros(32), "quant_conv.bias": torch.zeros(32)}, str(path))
     with pytest.raises(CheckpointError, match="both map to 'quant_conv.bias'"):
@@ -212,7 +212,7 @@ def test_frame_rule():
     with pytest.raises(ValueError, match="1\\+4k"):
         preset.latent_shape(16, 256, 256)
     assert preset.describe()["scaling"].startswith("latent = scale_factor * (z - shift_factor)")
-    assert (preset.scale_factor, preset.shift_factor, preset.family) == (0.476986, 0.0, "causal_3d")
+    assert (preset.scale_factor, preset.shift_factor, preset.family.name) == (0.476986, 0.0, "causal_3d")
 
 
 def test_per_item_generators_make_samples_independent_of_the_batch():

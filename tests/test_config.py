@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from jobs.config import JobConfig, fingerprint, load_config
+from jobs.orchestration.config import JobConfig, load_config
+from jobs.orchestration.settings import fingerprint
 
 
 def test_file_and_overrides(tmp_path):

@@ -59,7 +59,7 @@ def test_full_config_matches_the_public_checkpoint_layout():
 
 def test_full_preset():
     preset = get_preset("dc-ae-f32t4c128")
-    assert (preset.family, preset.checkpoint) == ("dc_ae", "F32T4C128_AE.safetensors")
+    assert (preset.family.name, preset.checkpoint) == ("dc_ae", "F32T4C128_AE.safetensors")
     assert (preset.spatial_compression, preset.temporal_compression, preset.size_multiple) == (32, 4, 32)
     assert (preset.causal, preset.variational, preset.latent_channels) == (False, False, 128)
     assert preset.params == dataclasses.replace(DCAEParams(), scaling_factor=0.493)

@@ -28,13 +28,15 @@ from diffusers import (
 from einops import rearrange
 from safetensors.torch import load_file, save_file
 
-from jobs.latent_format import load_sample, read_metadata
-from jobs.precompute import main, run
-from jobs.reader import read_shard
-from jobs.video import read_clip
-from jobs.worker import sample_seed
+from jobs.dataset.reader import load_sample, read_metadata
+from jobs.inputs.tar_samples import read_shard
+from jobs.inputs.video import read_clip
+from jobs.orchestration.driver import run
+from jobs.orchestration.worker import sample_seed
+from jobs.precompute import main
 from vae import CheckpointError, DiagonalGaussianDistribution, check_checkpoint, get_preset, load_vae
-from vae.diffusers_vae import INSTALL_HINT, SUPPORTED_CLASSES, folder_sha256
+from vae.diffusers_folder import SUPPORTED_CLASSES, folder_sha256
+from vae.diffusers_vae import INSTALL_HINT
 
 REPO = Path(__file__).resolve().parents[1]
 WAN_MEAN, WAN_STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
@@ -207,7 +209,7 @@ def test_preset_rules_come_from_the_config(folders, name):
         channels,
     )
     assert preset.frame_rule == frames and preset.size_multiple == spatial
-    assert preset.name == f"diffusers:{TINY[name][0].__name__}:{name}" and preset.family == "diffusers"
+    assert preset.name == f"diffusers:{TINY[name][0].__name__}:{name}" and preset.family.name == "diffusers"
     json.dumps(preset.describe())  # recorded in job.json
     x = _video(name, batch=1)
     with torch.no_grad():

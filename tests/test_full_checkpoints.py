@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def _public_file(tmp_path, name: str, dtype: torch.dtype, prefix: str = ""):
     preset = get_preset(name)
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in preset.build(preset.params).state_dict().items()}
+        shapes = {k: v.shape for k, v in preset.build().state_dict().items()}
     gen = torch.Generator().manual_seed(0)
     state = {f"{prefix}{k}": (torch.rand(s, generator=gen) * 0.02 - 0.01).to(dtype) for k, s in shapes.items()}
     path = tmp_path / preset.checkpoint

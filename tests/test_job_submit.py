@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import kill_session
 
-from jobs.latent_format import read_metadata
+from jobs.dataset.reader import read_metadata
 
 pytestmark = pytest.mark.slow
 

@@ -7,15 +7,11 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
-from jobs.latent_format import (
-    SCHEMA,
-    ShardWriter,
-    iter_shard,
-    load_sample,
-    read_commit,
-    read_metadata,
-    remove_temporaries,
-)
+from jobs.dataset.atomic import remove_temporaries
+from jobs.dataset.catalog import read_commit
+from jobs.dataset.layout import SCHEMA
+from jobs.dataset.reader import iter_shard, load_sample, read_metadata
+from jobs.dataset.writer import ShardWriter
 
 CONSTANTS = {"fingerprint": "f" * 16, "vae": "flux-ae-tiny", "scale_factor": 0.5, "shift_factor": 0.1}
 

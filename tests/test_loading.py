@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vae import CheckpointError, check_checkpoint, get_preset, load_vae, register_preset
+from vae import CheckpointError, check_checkpoint, get_preset, load_vae
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +64,8 @@ def test_prefixed_keys(weights, tmp_path):
     save_file({f"vae.{k}": v for k, v in model.state_dict().items()}, prefixed)
     with pytest.raises(CheckpointError, match="missing keys"):
         load_vae("flux-ae-tiny", prefixed)
-    register_preset(
-        dataclasses.replace(get_preset("flux-ae-tiny"), name="flux-ae-tiny-prefixed", key_prefixes=("vae.",))
-    )
-    loaded = load_vae("flux-ae-tiny-prefixed", prefixed)
+    preset = dataclasses.replace(get_preset("flux-ae-tiny"), name="flux-ae-tiny-prefixed", key_prefixes=("vae.",))
+    loaded = load_vae(preset, prefixed)
     assert torch.equal(loaded.decoder.conv_out.weight, model.decoder.conv_out.weight)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.media import encode_png, preview_grid, read_image, save_clip, to_uint8
+from jobs.quality.media import encode_png, preview_grid, read_image, save_clip, to_uint8
 
 
 def test_to_uint8_rounds_like_save_sample():

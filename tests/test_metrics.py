@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from jobs.metrics import gaussian_window, luma, psnr, ssim
+from jobs.quality.metrics import gaussian_window, luma, psnr, ssim
 
 
 def _image(seed: int = 0, shape=(3, 32, 40)) -> torch.Tensor:

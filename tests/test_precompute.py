@@ -16,13 +16,15 @@ import webdataset as wds
 from conftest import small_config
 from safetensors.torch import load as load_safetensors
 
-from jobs.config import TilingSection
+from jobs.dataset.layout import SCHEMA
+from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes, write_shard
-from jobs.latent_format import SCHEMA, load_sample, read_metadata
-from jobs.precompute import UsageError, main, run
-from jobs.reader import read_shard
-from jobs.video import read_clip
-from jobs.worker import sample_seed
+from jobs.inputs.tar_samples import read_shard
+from jobs.inputs.video import read_clip
+from jobs.orchestration.config import TilingSection, UsageError
+from jobs.orchestration.driver import run
+from jobs.orchestration.worker import sample_seed
+from jobs.precompute import main
 from vae import encode_video, get_preset, load_vae, plan_encode
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 from jobs.demo_data import write_shard
-from jobs.reader import RawSample, read_shard, split_sample
+from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
 
 EXTS = ["mp4", "mkv"]
 

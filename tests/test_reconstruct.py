@@ -9,13 +9,15 @@ import torch
 from safetensors.torch import save_file
 
 from jobs import precompute, reconstruct
-from jobs.config import JobConfig, RunConfig, VAEConfig, VideoConfig
+from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import write_demo_dataset
-from jobs.latent_format import load_sample, read_metadata
-from jobs.media import read_image
-from jobs.reader import read_shard, split_sample
-from jobs.video import read_clip
-from jobs.worker import ShardEncoder, sample_seed
+from jobs.inputs.tar_samples import read_shard, split_sample
+from jobs.inputs.video import read_clip
+from jobs.orchestration.config import JobConfig, RunConfig, VAEConfig, VideoConfig
+from jobs.orchestration.driver import prepare_output
+from jobs.orchestration.settings import check_config, make_plan
+from jobs.orchestration.worker import ShardEncoder, sample_seed
+from jobs.quality.media import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "configs" / "demo-vae.safetensors"
@@ -23,9 +25,9 @@ DEMO_CHECKPOINT = REPO / "configs" / "demo-vae.safetensors"
 
 def encode_in_process(config: JobConfig) -> None:
     """Runs the job's own planning and encoder class without Ray (the fast tests need no cluster)."""
-    shards = precompute.check_config(config)
-    plan = precompute.make_plan(config, shards, has_gpus=False)
-    precompute.prepare_output(plan)
+    shards = check_config(config)
+    plan = make_plan(config, shards, has_gpus=False)
+    prepare_output(plan)
     encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
     for shard in shards:
         list(encoder.encode_shard(shard))

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from jobs.shards import count_samples, list_shards, sample_key
+from jobs.inputs.shards import count_samples, list_shards, sample_key
 
 
 def _touch(path):

@@ -22,7 +22,8 @@ from vae import get_preset, load_vae
 from vae.causal_3d_stream import chunk_bounds, group_norm_count, stream_encode
 from vae.codec import decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
 from vae.memory import calibrated, measure_peak_bytes, traced_peak_bytes
-from vae.tiling import OPENSORA_TRAINING, TilePlan, TilingConfig, opensora_plan
+from vae.spec import TilePlan, TilingConfig
+from vae.tiling import opensora_plan
 
 FAMILIES = {"autoencoder_2d": "flux-ae-tiny", "causal_3d": "hunyuan-vae-tiny", "dc_ae": "dc-ae-tiny"}
 
@@ -82,9 +83,9 @@ def _by_hand_temporal(fn, x, tile: int, tile_out: int, overlap: float, causal: b
 
 def _raw_encode(model, preset):
     """What Open-Sora blends: the posterior parameters (scaled latents for the DC-AE)."""
-    if preset.family == "dc_ae":
+    if preset.family.name == "dc_ae":
         return lambda t: model.encode(t)[0]
-    if preset.family == "causal_3d":
+    if preset.family.name == "causal_3d":
         return lambda t: model.quant_conv(model.encoder(t))
     return lambda t: model.posterior(t).parameters
 
@@ -179,7 +180,11 @@ def test_opensora_training_defaults():
     assert opensora_plan(get_preset("hunyuan-vae")) == TilePlan(spatial_tile=256, temporal_size=64)
     assert opensora_plan(get_preset("dc-ae-f32t4c128")) == TilePlan("tiles", 32, 256)
     assert opensora_plan(get_preset("flux-ae")).untiled
-    assert OPENSORA_TRAINING["causal_3d"].overlap == OPENSORA_TRAINING["dc_ae"].overlap == 0.25
+    assert (
+        get_preset("hunyuan-vae").family.opensora.overlap
+        == get_preset("dc-ae-f32t4c128").family.opensora.overlap
+        == 0.25
+    )
     # Tiling applies only to frames larger than a tile (Open-Sora's `>` test).
     cfg = TilingConfig("opensora", spatial_tile=32)
     model, preset = load_vae("hunyuan-vae-tiny"), get_preset("hunyuan-vae-tiny")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.demo_data import synth_video, video_file_bytes
-from jobs.video import VideoError, read_clip, resize_crop
+from jobs.inputs.video import VideoError, read_clip, resize_crop
 
 
 @pytest.fixture(scope="module")

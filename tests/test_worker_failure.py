@@ -10,9 +10,9 @@ import time
 import pytest
 from conftest import small_config
 
+from jobs.dataset.reader import read_metadata
 from jobs.demo_data import write_demo_dataset
-from jobs.latent_format import read_metadata
-from jobs.precompute import run
+from jobs.orchestration.driver import run
 
 pytestmark = pytest.mark.slow
 

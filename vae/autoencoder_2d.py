@@ -201,6 +201,12 @@ class AutoEncoder2D(nn.Module):
         moments = self.encoder(rearrange(x, "b c t h w -> (b t) c h w"))
         return DiagonalGaussianDistribution(rearrange(moments, "(b t) c h w -> b c t h w", t=t))
 
+    def scale_latent(self, z: Tensor) -> Tensor:
+        return self.scale_factor * (z - self.shift_factor)
+
+    def unscale_latent(self, latent: Tensor) -> Tensor:
+        return latent / self.scale_factor + self.shift_factor
+
     def encode(
         self,
         x: Tensor,
@@ -208,11 +214,9 @@ class AutoEncoder2D(nn.Module):
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[Tensor, DiagonalGaussianDistribution]:
         posterior = self.posterior(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.scale_factor * (z - self.shift_factor), posterior
+        return posterior.latent(self.scale_latent, sample, generator), posterior
 
     def decode(self, z: Tensor) -> Tensor:
         t = z.shape[2]
-        z = z / self.scale_factor + self.shift_factor
-        x = self.decoder(rearrange(z, "b c t h w -> (b t) c h w"))
+        x = self.decoder(rearrange(self.unscale_latent(z), "b c t h w -> (b t) c h w"))
         return rearrange(x, "(b t) c h w -> b c t h w", t=t)

@@ -345,12 +345,20 @@ class AutoencoderKLCausal3D(nn.Module):
             `scale_factor * (z - shift_factor)` (`B C' 1+k H/8 W/8`) and the posterior of `z`.
         """
         posterior = self.posterior(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
-        return self.scale_factor * (z - self.shift_factor), posterior
+        return posterior.latent(self.scale_latent, sample, generator), posterior
+
+    def scale_latent(self, z: Tensor) -> Tensor:
+        return self.scale_factor * (z - self.shift_factor)
+
+    def unscale_latent(self, latent: Tensor) -> Tensor:
+        return latent / self.scale_factor + self.shift_factor
+
+    def check_latent(self, latent: Tensor) -> None:
+        """Raises ValueError unless `latent` is `B latent_channels T' h w`."""
+        if latent.ndim != 5 or latent.shape[1] != self.params.latent_channels:
+            raise ValueError(f"expected latents B {self.params.latent_channels} T h w, got {tuple(latent.shape)}")
 
     def decode(self, latent: Tensor) -> Tensor:
         """Decodes scaled latents `B C' T' h w` to `B C 4(T'-1)+1 8h 8w`, roughly in [-1, 1]."""
-        if latent.ndim != 5 or latent.shape[1] != self.params.latent_channels:
-            raise ValueError(f"expected latents B {self.params.latent_channels} T h w, got {tuple(latent.shape)}")
-        z = latent / self.scale_factor + self.shift_factor
-        return self.decoder(self.post_quant_conv(z))
+        self.check_latent(latent)
+        return self.decoder(self.post_quant_conv(self.unscale_latent(latent)))

@@ -48,7 +48,7 @@ normalisation is done in float32, as PyTorch's GroupNorm does for half inputs.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -67,9 +67,9 @@ from vae.causal_3d import (
     UpsampleCausal3D,
     _Level,
 )
+from vae.spec import NormStats, decoded_frames, latent_frames
 
-NormStats = Literal["causal", "chunk", "clip"]
-NORM_STATS = ("causal", "chunk", "clip")
+NORM_STATS = get_args(NormStats)
 
 
 def chunk_bounds(num_frames: int, chunk: int, factor: int) -> list[tuple[int, int]]:
@@ -297,11 +297,11 @@ def stream_encode(
     _check_norm(norm, passes)
     model.check_input(x)
     tc = model.params.time_compression_ratio
-    latent_frames = (x.shape[2] - 1) // tc + 1
+    num_latent = latent_frames(x.shape[2], tc, causal=True)
     bounds = chunk_bounds(x.shape[2], chunk, tc)
     fixed = None
     for p in range(passes if norm == "clip" else 1):
-        stream = _Stream(norm if norm != "clip" else ("causal" if p == 0 else "fixed"), latent_frames, fixed)
+        stream = _Stream(norm if norm != "clip" else ("causal" if p == 0 else "fixed"), num_latent, fixed)
         last = p == (passes if norm == "clip" else 1) - 1
         out = None
         for start, end in bounds:
@@ -310,7 +310,7 @@ def stream_encode(
                 continue
             moments = model.quant_conv(h)
             if out is None:
-                out = moments.new_empty(*moments.shape[:2], latent_frames, *moments.shape[3:])
+                out = moments.new_empty(*moments.shape[:2], num_latent, *moments.shape[3:])
             first = (start + tc - 1) // tc  # latent index of the chunk's first output
             out[:, :, first : first + moments.shape[2]] = moments
         fixed = stream.clip_stats()
@@ -332,11 +332,9 @@ def stream_decode(
         passes: Decoder passes for norm "clip" (ignored otherwise).
     """
     _check_norm(norm, passes)
-    if latent.ndim != 5 or latent.shape[1] != model.params.latent_channels:
-        raise ValueError(f"expected latents B {model.params.latent_channels} T h w, got {tuple(latent.shape)}")
-    tc = model.params.time_compression_ratio
-    z = model.post_quant_conv(latent / model.scale_factor + model.shift_factor)
-    frames = (z.shape[2] - 1) * tc + 1
+    model.check_latent(latent)
+    z = model.post_quant_conv(model.unscale_latent(latent))
+    frames = decoded_frames(z.shape[2], model.params.time_compression_ratio, causal=True)
     fixed = None
     for p in range(passes if norm == "clip" else 1):
         stream = _Stream(norm if norm != "clip" else ("causal" if p == 0 else "fixed"), z.shape[2], fixed)

@@ -22,14 +22,10 @@ from torch import Tensor, nn
 
 from vae.memory import available_bytes, calibrated, traced_peak_bytes
 from vae.posterior import DiagonalGaussianDistribution
-from vae.presets import VAEPreset
+from vae.spec import TilePlan, TilingConfig, VAEPreset
 from vae.tiling import (
-    OPENSORA_TRAINING,
-    TilePlan,
-    TilingConfig,
     axis_ok,
     decode_with_plan,
-    decoded_frames,
     drops_frames,
     encode_with_plan,
     extents,
@@ -113,12 +109,10 @@ def _plan(
 ) -> TilePlan:
     if config.mode == "off":
         return TilePlan()
-    if preset.family not in OPENSORA_TRAINING:  # e.g. a diffusers VAE: it runs whole
-        if config.mode == "opensora":
-            raise ValueError(f"no Open-Sora tiling for VAE family {preset.family!r}; use tiling mode off or auto")
-        return TilePlan()
     if config.mode == "opensora":
         return opensora_plan(preset, config)
+    if preset.family.opensora is None:  # a family that is never split (a diffusers VAE) runs whole
+        return TilePlan()
     budget = config.memory_budget if config.memory_budget is not None else available_bytes(device)
     return _auto_plan(preset, shape, dtype, config, budget, device.type, encode)
 
@@ -150,13 +144,13 @@ def _auto_plan(
         return done(base)
 
     # Temporal splits, ascending: exact chunks where the family allows them, else overlapped tiles.
-    if preset.family == "dc_ae":
-        frames = shape[2] if encode else decoded_frames(preset, shape[2])
+    if preset.family.temporal_split == "tiles":
+        frames = shape[2] if encode else preset.decoded_frames(shape[2])
         kind, sizes = "tiles", _valid_sizes(frames, 4 * tc, lambda s: axis_ok(s, tc, overlap, encode))
         if not encode:
             sizes = [s for s in sizes if not drops_frames(preset, shape[2], tile_axis(s // tc, s, tc, overlap, False))]
     else:
-        latent_frames = (shape[2] - 1) // tc + 1 if encode and preset.causal else shape[2]
+        latent_frames = preset.latent_frames(shape[2]) if encode else shape[2]
         # A causal chunk of k latent frames comes after a first chunk of k + 1: at least two chunks.
         kind, sizes = "chunks", list(range(1, latent_frames - 1 if preset.causal else latent_frames))
     sides = max(shape[3:]) * (1 if encode else sc)
@@ -202,7 +196,7 @@ def _meta_model(preset: VAEPreset, dtype: torch.dtype) -> nn.Module:
     # Never inference tensors (the job plans under inference mode): composite ops on those reach
     # the tracer undecomposed, hiding their temporaries.
     with torch.inference_mode(False), torch.device("meta"):
-        return preset.build(preset.params).to(dtype).eval().requires_grad_(False)
+        return preset.build().to(dtype).eval().requires_grad_(False)
 
 
 def estimate_bytes(
@@ -248,7 +242,8 @@ def _traced_estimate(
     tiled_s = spatial is not None and max(h, w) > spatial.size
     unit_t = temporal.size if tiled_t else t
     unit_h, unit_w = (min(h, spatial.size), min(w, spatial.size)) if tiled_s else (h, w)
-    streamed = plan.temporal == "chunks" and preset.family == "causal_3d"
+    kv_channels = preset.family.stream_kv_channels
+    streamed = plan.temporal == "chunks" and kv_channels is not None
     if plan.temporal == "chunks":
         step = plan.temporal_size * (preset.temporal_compression if encode else 1)
         unit_t = min(t, 1 + 2 * step) if streamed else min(t, plan.temporal_size)
@@ -273,7 +268,7 @@ def _traced_estimate(
     if encode:
         out_extent = preset.latent_shape(t, h, w)[1:]
     else:
-        out_extent = (decoded_frames(preset, t), h * sc, w * sc)
+        out_extent = (preset.decoded_frames(t), h * sc, w * sc)
     per_position = unit_out.numel() // math.prod(unit_out.shape[2:]) * elem  # bytes per output position
     held = per_position * math.prod(out_extent)  # the assembled output
     unit_bytes = unit_out.numel() * elem
@@ -282,12 +277,13 @@ def _traced_estimate(
     if tiled_s:  # the row of tiles above and the current row
         held += 2 * math.ceil(w / spatial.stride) * unit_bytes
     if streamed:  # keys/values and outputs of the frames after the two traced chunks
+        assert kv_channels is not None
         latent_frames = t if not encode else out_extent[0]
-        later = latent_frames - ((unit_t - 1) // preset.temporal_compression + 1 if encode else unit_t)
+        later = latent_frames - (preset.latent_frames(unit_t) if encode else unit_t)
         latent_area = (unit_h // sc) * (unit_w // sc) if encode else unit_h * unit_w
-        kv = 2 * b * latent_area * preset.params.block_out_channels[-1] * elem
+        kv = 2 * b * latent_area * kv_channels(preset.params) * elem
         out_per_latent_frame = unit_bytes // unit_out.shape[2] * (1 if encode else preset.temporal_compression)
-        held += later * (kv * preset.params.mid_block_add_attention + out_per_latent_frame)
+        held += later * (kv + out_per_latent_frame)
     if encode and preset.variational:  # clamped log-variance, std, var, noise, sample, scaled latent
         held += 3 * per_position * math.prod(out_extent)
     return peak + held

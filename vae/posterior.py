@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -53,6 +53,21 @@ class DiagonalGaussianDistribution:
 
     def mode(self) -> Tensor:
         return self.mean
+
+    def latent(
+        self,
+        scale: Callable[[Tensor], Tensor],
+        sample: bool = True,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    ) -> Tensor:
+        """What an encoder returns: a sample (or the mode) of the raw latent `z`, then the model's scaling.
+
+        Args:
+            scale: Maps `z` to the stored latent (e.g. `scale_factor * (z - shift_factor)`).
+            sample: Draw from the posterior (Open-Sora's default) rather than take its mean.
+            generator: For the sample, as in `sample`.
+        """
+        return scale(self.sample(generator) if sample else self.mode())
 
     def kl(self, other: DiagonalGaussianDistribution | None = None) -> Tensor:
         """KL divergence to `other` (a standard normal when None), summed over all but dim 0."""

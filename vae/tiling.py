@@ -1,6 +1,8 @@
-"""Tiled and chunked encode/decode for the three VAE families: configs, plans and running them.
+"""Tiled and chunked encode/decode: Open-Sora's tile arithmetic and running a `TilePlan`.
 
-`vae/codec.py` holds the entry points (`encode_video`, `decode_video`) and chooses the plan.
+`vae/codec.py` holds the entry points (`encode_video`, `decode_video`) and chooses the plan;
+`TilingConfig` and `TilePlan` are in `vae/spec.py`. What a family runs on one unit of work, and
+which splits it allows, is its `VAEFamily` (`vae/families.py`): nothing here tests a family.
 
 Modes (`TilingConfig.mode`):
 
@@ -12,7 +14,7 @@ Modes (`TilingConfig.mode`):
   blended in place with the one above, then the one to its left; in time with the previous
   tile), and the crop of each tile to `tile_out - blend` (causal temporal tiles: one more
   frame, and later tiles drop their first frame). By default the switches, tile sizes and
-  overlap of Open-Sora's training configs (`OPENSORA_TRAINING`); each can be overridden.
+  overlap of Open-Sora's training configs (the family's `opensora`); each can be overridden.
 - "auto": the cheapest plan whose estimated peak fits `memory_budget`: untiled if it fits;
   else exact temporal chunks (FLUX: frames; causal VAE: streaming with carried caches, see
   `vae/causal_3d_stream.py`); else overlapped temporal tiles (DC-AE, whose linear attention
@@ -30,131 +32,14 @@ item the same noise whatever the plan or the batch.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor, nn
 
-from vae.causal_3d_stream import NORM_STATS, NormStats, stream_decode, stream_encode
 from vae.posterior import DiagonalGaussianDistribution
-from vae.presets import VAEPreset
-
-Mode = Literal["off", "opensora", "auto"]
-MODES = ("off", "opensora", "auto")
-
-
-@dataclass(frozen=True)
-class OpenSoraTiling:
-    """The tiling switches and sizes an Open-Sora config gives one VAE family."""
-
-    spatial: bool
-    temporal: bool
-    spatial_tile: int  # pixels per side of a tile
-    temporal_tile: int  # frames per tile (causal VAE: each tile reads one frame more)
-    overlap: float  # tile_overlap_factor
-
-
-# What Open-Sora's training configs run, so that stored latents are what its trainer would get.
-# causal_3d: configs/diffusion/train/image.py (and the stage configs built on it) sets
-#   use_spatial_tiling=True, use_temporal_tiling=False on `hunyuan_vae`, whose defaults are
-#   sample_size=256, sample_tsize=64, tile_overlap_factor=0.25.
-# dc_ae: configs/diffusion/train/high_compression.py sets spatial and temporal tiling with
-#   spatial_tile_size=256, temporal_tile_size=32, tile_overlap_factor=0.25.
-# autoencoder_2d: Open-Sora's FLUX AE has no tiling; frames are encoded as one batch.
-OPENSORA_TRAINING = {
-    "causal_3d": OpenSoraTiling(spatial=True, temporal=False, spatial_tile=256, temporal_tile=64, overlap=0.25),
-    "dc_ae": OpenSoraTiling(spatial=True, temporal=True, spatial_tile=256, temporal_tile=32, overlap=0.25),
-    "autoencoder_2d": OpenSoraTiling(spatial=False, temporal=False, spatial_tile=256, temporal_tile=32, overlap=0.25),
-}
-
-
-@dataclass(frozen=True)
-class TilingConfig:
-    """How the job may split an encode or decode.
-
-    Attributes:
-        mode: "off", "opensora" or "auto" (see the module docstring).
-        memory_budget: "auto": bytes the call may allocate on top of the weights and its input.
-            None: 90% of the CUDA device's free memory at planning time (unbounded on CPU).
-        norm: GroupNorm statistics of causal-VAE chunks (`vae/causal_3d_stream.py`).
-        norm_passes: Encoder passes for norm "clip".
-        spatial: "opensora": override the family's spatial tiling switch.
-        temporal: "opensora": override the temporal tiling switch.
-        spatial_tile: "opensora": override the tile size in pixels.
-        temporal_tile: "opensora": override the tile length in frames.
-        overlap: "opensora": override the overlap factor. "auto" uses it for any tiles it needs.
-    """
-
-    mode: Mode = "off"
-    memory_budget: int | None = None
-    norm: NormStats = "causal"
-    norm_passes: int = 2
-    spatial: bool | None = None
-    temporal: bool | None = None
-    spatial_tile: int | None = None
-    temporal_tile: int | None = None
-    overlap: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"tiling mode must be one of {MODES}, got {self.mode!r}")
-        if self.norm not in NORM_STATS:
-            raise ValueError(f"norm must be one of {NORM_STATS}, got {self.norm!r}")
-        if self.overlap is not None and not 0 <= self.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
-        if self.norm_passes < 1:
-            raise ValueError(f"norm_passes must be at least 1, got {self.norm_passes}")
-        if self.memory_budget is not None and self.memory_budget <= 0:
-            raise ValueError(f"memory_budget must be positive bytes, got {self.memory_budget}")
-
-
-@dataclass(frozen=True)
-class TilePlan:
-    """One concrete way to run an encode or decode. Sizes are on the video side.
-
-    Attributes:
-        temporal: "none"; "chunks" (exact: FLUX frames, causal-VAE streaming); or "tiles"
-            (Open-Sora's overlapped temporal tiles).
-        temporal_size: "chunks": latent frames per chunk (the causal VAE's first chunk has one
-            more; for FLUX a latent frame is a frame). "tiles": frames per tile.
-        spatial_tile: Pixels per side of a spatial tile; 0 for none. As in Open-Sora, tiling
-            applies only to frames larger than the tile (on either side).
-        overlap: Open-Sora's tile_overlap_factor, for spatial and temporal tiles.
-        norm: GroupNorm statistics of causal-VAE chunks (ignored by the other families).
-        norm_passes: Passes for norm "clip".
-        estimated_bytes: The estimate the plan was chosen with ("auto"), else None.
-        fits: Whether that estimate was within the budget (False: the smallest plan was taken).
-    """
-
-    temporal: Literal["none", "chunks", "tiles"] = "none"
-    temporal_size: int = 0
-    spatial_tile: int = 0
-    overlap: float = 0.25
-    norm: NormStats = "causal"
-    norm_passes: int = 2
-    estimated_bytes: int | None = field(default=None, compare=False)
-    fits: bool = field(default=True, compare=False)
-
-    @property
-    def untiled(self) -> bool:
-        return self.temporal == "none" and not self.spatial_tile
-
-    def describe(self) -> str:
-        """A short text for logs and metadata, e.g. "chunks of 8 latent frames, norm causal"."""
-        parts = []
-        if self.temporal == "chunks":
-            norm = f"norm {self.norm}" + (f" x{self.norm_passes}" if self.norm == "clip" else "")
-            parts.append(f"chunks of {self.temporal_size} latent frames, {norm}")
-        elif self.temporal == "tiles":
-            parts.append(f"temporal tiles of {self.temporal_size} frames, overlap {self.overlap}")
-        if self.spatial_tile:
-            parts.append(f"spatial tiles of {self.spatial_tile}px, overlap {self.overlap}")
-        return ", ".join(parts) or "untiled"
-
+from vae.spec import TilePlan, TilingConfig, VAEPreset
 
 # -- Open-Sora's tile arithmetic ------------------------------------------------------------
 
@@ -260,45 +145,38 @@ def temporal_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axis: TileAxis, ou
     return out
 
 
-# -- per-family pieces ---------------------------------------------------------------------
+# -- what runs on one unit of work (the family says how) ----------------------------------------
 
 
 def tile_encoder(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
     """Encodes a clip (a whole one or a tile) to what Open-Sora blends: posterior parameters
-    for the variational families, scaled latents for the DC-AE (its `_encode` scales each tile)."""
+    for the variational families, scaled latents for the others (the DC-AE scales each tile)."""
     family = preset.family
-    if family == "autoencoder_2d":
-        return functools.partial(_frames, lambda x: _fold(model.encoder, x), plan)
-    if family == "causal_3d":
-        if plan.temporal == "chunks":
-            return lambda x: stream_encode(model, x, plan.temporal_size, plan.norm, plan.norm_passes)
-        return lambda x: model.quant_conv(model.encoder(x))
-    if family == "dc_ae":
-        return lambda x: model.encode(x)[0]
-    raise ValueError(f"no tiling for VAE family {family!r}")
+    if plan.temporal == "chunks" and family.encode_chunks is not None:
+        chunks = family.encode_chunks
+        return lambda x: chunks(model, x, plan)
+    if family.encode_unit is None:
+        raise ValueError(f"VAE family {family.name!r} is never tiled")
+    unit = family.encode_unit
+    return lambda x: unit(model, x)
 
 
 def tile_decoder(model: nn.Module, preset: VAEPreset, plan: TilePlan) -> Callable[[Tensor], Tensor]:
     """Decodes scaled latents (a clip or a tile). Scaling is elementwise, so scaling each tile
     equals Open-Sora's scaling before tiling (causal VAE) or inside each tile (DC-AE)."""
-    if preset.family == "autoencoder_2d":
-        return functools.partial(_frames, model.decode, plan)
-    if preset.family == "causal_3d" and plan.temporal == "chunks":
-        return lambda z: stream_decode(model, z, plan.temporal_size, plan.norm, plan.norm_passes)
+    chunks = preset.family.decode_chunks
+    if plan.temporal == "chunks" and chunks is not None:
+        return lambda z: chunks(model, z, plan)
     return model.decode
 
 
-def _fold(encoder: nn.Module, x: Tensor) -> Tensor:
-    return rearrange(encoder(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w", b=x.shape[0])
-
-
-def _frames(fn: Callable[[Tensor], Tensor], plan: TilePlan, x: Tensor) -> Tensor:
-    """`fn` on runs of `plan.temporal_size` frames (plan "chunks"), else on all frames at once."""
-    if plan.temporal != "chunks" or plan.temporal_size >= x.shape[2]:
+def in_frame_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
+    """`fn` on runs of `size` frames of `B C T H W` (all at once if they fit), for frame-independent models."""
+    if size >= x.shape[2]:
         return fn(x)
     out: Tensor | None = None
-    for start in range(0, x.shape[2], plan.temporal_size):
-        part = fn(x[:, :, start : start + plan.temporal_size])
+    for start in range(0, x.shape[2], size):
+        part = fn(x[:, :, start : start + size])
         if out is None:
             out = part.new_empty(*part.shape[:2], x.shape[2], *part.shape[3:])
         out[:, :, start : start + part.shape[2]] = part
@@ -315,16 +193,21 @@ def geometry(preset: VAEPreset, plan: TilePlan, encode: bool) -> tuple[TileAxis 
         spatial = (
             tile_axis(s, s // sc, sc, plan.overlap, True) if encode else tile_axis(s // sc, s, sc, plan.overlap, False)
         )
+    family = preset.family
     if plan.temporal == "tiles":
-        if preset.family == "autoencoder_2d":
-            raise ValueError("the FLUX AE has no temporal tiles (its frames are independent: use chunks)")
+        if not family.temporal_tiles:
+            raise ValueError(
+                f"VAE family {family.name!r} has no temporal tiles (its frames are independent: use chunks)"
+            )
         t, causal = plan.temporal_size, preset.causal
         if encode:
             temporal = tile_axis(t, t // tc, tc, plan.overlap, True, causal)
         else:
             temporal = tile_axis(t // tc, t, tc, plan.overlap, False, causal)
-    if plan.temporal == "chunks" and preset.family == "dc_ae":
-        raise ValueError("the DC-AE cannot be chunked exactly (its attention spans the clip): use temporal tiles")
+    if plan.temporal == "chunks" and family.temporal_split != "chunks":
+        raise ValueError(
+            f"VAE family {family.name!r} cannot be chunked exactly (its attention spans the clip): use temporal tiles"
+        )
     return spatial, temporal
 
 
@@ -382,8 +265,7 @@ def encode_with_plan(
     if not preset.variational:
         return raw, None
     posterior = DiagonalGaussianDistribution(raw)
-    z = posterior.sample(generator) if sample else posterior.mode()
-    return preset.scale_factor * (z - preset.shift_factor), posterior
+    return posterior.latent(model.scale_latent, sample, generator), posterior
 
 
 @torch.no_grad()
@@ -396,34 +278,33 @@ def decode_with_plan(model: nn.Module, preset: VAEPreset, latent: Tensor, plan: 
     axes = geometry(preset, plan, encode=False)
     if axes[1] is not None and drops_frames(preset, latent.shape[2], axes[1]):
         raise ValueError(
-            f"Open-Sora's temporal tiled decode of {latent.shape[2]} DC-AE latent frames with "
+            f"Open-Sora's temporal tiled decode of {latent.shape[2]} latent frames with "
             f"{plan.temporal_size}-frame tiles ends on a 1-frame tile, which decodes to one frame instead of four "
             "(frames would go missing); choose another temporal tile size"
         )
-    return _run(tile_decoder(model, preset, plan), latent, axes, decoded_frames(preset, latent.shape[2]), out_hw)
+    return _run(tile_decoder(model, preset, plan), latent, axes, preset.decoded_frames(latent.shape[2]), out_hw)
 
 
 def drops_frames(preset: VAEPreset, latent_frames: int, axis: TileAxis) -> bool:
-    """Whether the DC-AE's temporal tiles would end on a lone latent frame (decoded as an image)."""
-    if preset.family != "dc_ae" or latent_frames <= axis.size:
+    """Whether temporal tiles of a non-causal model would end on a lone latent frame, which it
+    decodes as an image (one frame instead of `temporal_compression`)."""
+    if preset.causal or preset.temporal_compression == 1 or latent_frames <= axis.size:
         return False
     return latent_frames - (latent_frames - 1) // axis.stride * axis.stride == 1
 
 
-def decoded_frames(preset: VAEPreset, latent_frames: int) -> int:
-    tc = preset.temporal_compression
-    if preset.causal:
-        return (latent_frames - 1) * tc + 1
-    return latent_frames * tc if latent_frames > 1 else 1
+OPENSORA = TilingConfig("opensora")  # Open-Sora's own tiles, with no overrides
 
 
-def opensora_plan(preset: VAEPreset, config: TilingConfig = TilingConfig("opensora")) -> TilePlan:
+def opensora_plan(preset: VAEPreset, config: TilingConfig = OPENSORA) -> TilePlan:
     """Open-Sora's tiling for the preset's family, with the config's overrides."""
-    base = OPENSORA_TRAINING[preset.family]
+    base = preset.family.opensora
+    if base is None:
+        raise ValueError(f"no Open-Sora tiling for VAE family {preset.family.name!r}; use tiling mode off or auto")
     spatial = base.spatial if config.spatial is None else config.spatial
     temporal = base.temporal if config.temporal is None else config.temporal
-    if temporal and preset.family == "autoencoder_2d":
-        raise ValueError("Open-Sora has no temporal tiling for the FLUX AE")
+    if temporal and not preset.family.temporal_tiles:
+        raise ValueError(f"Open-Sora has no temporal tiling for VAE family {preset.family.name!r}")
     return TilePlan(
         temporal="tiles" if temporal else "none",
         temporal_size=config.temporal_tile or base.temporal_tile,

@@ -1,9 +1,10 @@
-"""A small progress display for the driver: a redrawn line on a terminal, log lines otherwise."""
+"""What the driver shows: a progress line (redrawn on a terminal, log lines otherwise) and the summary."""
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import TextIO
 
 
@@ -75,3 +76,40 @@ class ProgressBar:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+@dataclass
+class Summary:
+    output: str
+    fingerprint: str
+    ok: int = 0
+    errors: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+    shards_written: int = 0
+    shards_skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # shard name -> reason
+    error_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+    def text(self) -> str:
+        rate = self.frames / self.seconds if self.seconds else 0.0
+        lines = [
+            f"done in {format_seconds(self.seconds)}: {self.ok} ok, {self.errors} errors, "
+            f"{self.frames} frames encoded ({rate:.1f} frames/s)",
+            f"shards: {self.shards_written} written, {self.shards_skipped} already committed, "
+            f"{len(self.failed)} failed",
+        ]
+        for reason in self.error_reasons[:5]:
+            lines.append(f"  error row: {reason}")
+        if len(self.error_reasons) > 5:
+            lines.append(f"  ... and {len(self.error_reasons) - 5} more (status = 'error' in the metadata)")
+        for name, reason in self.failed.items():
+            lines.append(f"  FAILED shard {name}: {reason}")
+        if self.failed:
+            lines.append("  rerun the same command to retry the failed shards")
+        lines.append(f"output: {self.output}")
+        return "\n".join(lines)

@@ -1,47 +1,49 @@
-"""The job's one typed config: nested dataclasses, strict about unknown keys, fingerprinted.
+"""The job's one typed config: nested dataclasses, strict about unknown keys and choices.
 
 A config comes from a YAML or JSON file (`--config`), then command-line overrides
-(`--set video.num_frames=33` and the few named flags of `jobs.precompute`). The resolved
-config is written to `DIR/job.json`; its fingerprint covers exactly the settings that change
-the latents, so a rerun with other settings is refused instead of mixing old and new files.
+(`--set video.num_frames=33` and the few named flags of `jobs.precompute`). Every choice is a
+`Literal` type, checked once when the config is loaded. The resolved config is written to
+`DIR/job.json` and fingerprinted (`jobs.orchestration.settings`), so a rerun with other
+settings is refused instead of mixing old and new files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from vae import TilingConfig
+from vae import TilingConfig, describe_error
+from vae.spec import NormStats, TilingMode
 
-# Bumped whenever the bytes written for the same inputs and settings change.
-FORMAT_VERSION = 1
+Dtype = Literal["float32", "bfloat16", "float16"]
 
-DTYPES = ("float32", "bfloat16", "float16")
+
+class UsageError(ValueError):
+    """Arguments or settings that no run could use: exit status 2, with a one-line message."""
 
 
 @dataclass
 class TilingSection:
     # auto: untiled when the clip fits the memory budget, else exact temporal chunks, else tiles;
     # opensora: Open-Sora's training-time tiles (to reproduce its trainer's latents exactly); off
-    mode: str = "auto"
+    mode: TilingMode = "auto"
     memory_budget_gb: float | None = None  # per encoder call; None = 90% of free GPU memory (CPU: unbounded)
-    causal_norm: str = "causal"  # GroupNorm statistics of causal-VAE chunks (see vae/causal_3d_stream.py)
+    causal_norm: NormStats = "causal"  # GroupNorm statistics of causal-VAE chunks (see vae/causal_3d_stream.py)
 
 
 @dataclass
 class VAEConfig:
     name: str = "flux-ae-tiny"  # a preset from `python -m jobs.precompute --list-vaes`
     checkpoint: str | None = None  # safetensors file; None = random weights (tests, dry runs)
-    dtype: str = "auto"  # compute dtype; auto = bfloat16 on GPU, float32 on CPU
+    dtype: Literal["auto"] | Dtype = "auto"  # compute dtype; auto = bfloat16 on GPU, float32 on CPU
     sample: bool = True  # store a posterior sample (Open-Sora's default) instead of the mode
     seed: int = 0  # per-sample posterior noise is seeded from (seed, key): reruns are identical
     tiling: TilingSection = field(default_factory=TilingSection)
@@ -59,7 +61,7 @@ class VideoConfig:
 
 @dataclass
 class LatentConfig:
-    dtype: str = "float32"  # storage dtype of the latents (bfloat16 halves the size)
+    dtype: Dtype = "float32"  # storage dtype of the latents (bfloat16 halves the size)
     store_posterior: bool = False  # also store the unscaled posterior `mean` and `logvar`
 
 
@@ -83,15 +85,14 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
-        """Raises ValueError for settings no run could use."""
+        """Raises UsageError for settings no run could use: the one check of every choice and range."""
+        for path, value, choices in _choice_fields(self):
+            if value not in choices:
+                raise UsageError(f"{path} must be one of {', '.join(map(str, choices))}; got {value!r}")
         if not self.input:
-            raise ValueError("no input given (--input SPEC)")
+            raise UsageError("no input given (--input SPEC)")
         if not self.output:
-            raise ValueError("no output directory given (--output DIR)")
-        if self.vae.dtype not in (*DTYPES, "auto"):
-            raise ValueError(f"vae.dtype must be one of auto, {', '.join(DTYPES)}; got '{self.vae.dtype}'")
-        if self.latents.dtype not in DTYPES:
-            raise ValueError(f"latents.dtype must be one of {', '.join(DTYPES)}; got '{self.latents.dtype}'")
+            raise UsageError("no output directory given (--output DIR)")
         for name, value in [
             ("video.num_frames", self.video.num_frames),
             ("video.height", self.video.height),
@@ -102,41 +103,39 @@ class JobConfig:
             ("run.cpus_per_worker", self.run.cpus_per_worker),
         ]:
             if value < 1:
-                raise ValueError(f"{name} must be at least 1; got {value}")
+                raise UsageError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
-            raise ValueError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+            raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
         t = self.vae.tiling
-        if t.mode not in ("auto", "off", "opensora"):
-            raise ValueError(f"vae.tiling.mode must be auto, off or opensora; got '{t.mode}'")
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
-            raise ValueError(f"vae.tiling.memory_budget_gb must be positive; got {t.memory_budget_gb}")
+            raise UsageError(f"vae.tiling.memory_budget_gb must be positive; got {t.memory_budget_gb}")
         try:
             self.tiling()
         except ValueError as e:
-            raise ValueError(f"vae.tiling: {e}") from None
+            raise UsageError(f"vae.tiling: {e}") from None
         if not self.video.extensions:
-            raise ValueError("video.extensions is empty")
+            raise UsageError("video.extensions is empty")
         # webdataset lower-cases member suffixes, so the extensions are compared lower-cased.
         self.video.extensions = [e.lower().lstrip(".") for e in self.video.extensions]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def tiling(self) -> TilingConfig:
         """The `vae.TilingConfig` of this job's `vae.tiling` section."""
         t = self.vae.tiling
         budget = None if t.memory_budget_gb is None else int(t.memory_budget_gb * 2**30)
-        return TilingConfig(mode=t.mode, memory_budget=budget, norm=t.causal_norm)  # type: ignore[arg-type]
+        return TilingConfig(mode=t.mode, memory_budget=budget, norm=t.causal_norm)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
     """Reads a YAML/JSON config file (all keys optional) and applies `a.b=value` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        text = Path(path).read_text()
-        loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        try:
+            text = Path(path).read_text()
+            loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise UsageError(f"cannot read config {path}: {describe_error(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+            raise UsageError(f"{path}: expected a mapping at the top level")
         data = loaded or {}
     config = from_dict(JobConfig, data)
     for item in overrides or []:
@@ -147,7 +146,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Builds dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise UsageError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -156,7 +155,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
-            raise ValueError(f"unknown config key '{path}'{hint}")
+            raise UsageError(f"unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -164,6 +163,9 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
+    choices = _choices(tp)
+    if choices is not None:  # a choice: its type here, its value in `JobConfig.validate`
+        return _coerce(type(choices[0]), value, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -174,24 +176,24 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, str):  # a single path or pattern where a list is expected
             value = [value]
         if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
+            raise UsageError(f"{path}: expected a list, got {value!r}")
         return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{path}: expected true or false, got {value!r}")
+        raise UsageError(f"{path}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ValueError(f"{path}: expected an integer, got {value!r}")
+        raise UsageError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ValueError(f"{path}: expected a number, got {value!r}")
+        raise UsageError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ValueError(f"{path}: expected a string, got {value!r}")
+        raise UsageError(f"{path}: expected a string, got {value!r}")
     raise TypeError(f"{path}: unsupported config type {tp}")
 
 
@@ -199,19 +201,40 @@ def apply_override(config: JobConfig, item: str) -> None:
     """Applies one `section.key=value` override; the value is parsed as YAML (`17`, `true`, `[a, b]`)."""
     dotted, sep, raw = item.partition("=")
     if not sep or not dotted:
-        raise ValueError(f"override '{item}' is not of the form key=value (e.g. video.num_frames=33)")
+        raise UsageError(f"override '{item}' is not of the form key=value (e.g. video.num_frames=33)")
     *parents, leaf = dotted.strip().split(".")
     target: Any = config
     for i, part in enumerate(parents):
         if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-            raise ValueError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override '{item}'")
+            raise UsageError(f"unknown config key '{'.'.join(parents[: i + 1])}' in override '{item}'")
         target = getattr(target, part)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UsageError(f"override '{item}': the value is not YAML ({describe_error(e)})") from None
     patch = from_dict(type(target), {leaf: value}, ".".join(parents))
     setattr(target, leaf, getattr(patch, leaf))
 
 
-def fingerprint(settings: dict[str, Any]) -> str:
-    """Short stable hash of the settings that determine the output bytes."""
-    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def _choices(tp: Any) -> tuple[Any, ...] | None:
+    """The values a `Literal` type (or a union of them, `Literal["auto"] | Dtype`) allows; None for other types."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_choices(a) for a in typing.get_args(tp)]
+        if all(p is not None for p in parts):
+            return tuple(c for p in parts if p is not None for c in p)
+    return None
+
+
+def _choice_fields(config: Any, where: str = "") -> list[tuple[str, Any, tuple[Any, ...]]]:
+    """`(dotted path, value, allowed values)` of every choice field in a config tree."""
+    found = []
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        path, value = f"{where}{f.name}", getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _choice_fields(value, f"{path}.")
+        elif (choices := _choices(hints[f.name])) is not None:
+            found.append((path, value, choices))
+    return found

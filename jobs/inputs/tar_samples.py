@@ -1,6 +1,6 @@
-"""Read the samples of one input shard with webdataset's tar iterators.
+"""Read the samples of one input shard as a chain of webdataset stages, and split each sample.
 
-Reading is a short chain of webdataset stages (open URL -> expand tar -> group by key) with
+Reading is a short chain of stages (open a stream -> expand tar members -> group by key) with
 an explicit error policy: nothing is raised mid-shard; every problem is handed to `on_error`
 and reading goes on where it can, so the caller can turn each problem into an error row.
 """
@@ -8,11 +8,13 @@ and reading goes on where it can, so the caller can turn each problem into an er
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from webdataset import tariterators
+
+from jobs.inputs.shards import storage_for
 
 
 @dataclass
@@ -22,11 +24,28 @@ class RawSample:
     files: dict[str, bytes]  # lower-cased suffix -> member bytes
 
 
+def open_streams(
+    sources: Iterable[str], opener: Callable[[str], BinaryIO], handler: Callable[[Exception], bool]
+) -> Iterator[dict[str, Any]]:
+    """The first stage: `{"url", "stream"}` per source (webdataset's `url_opener`, with our opener).
+
+    A source that cannot be opened goes to `handler` (with the source appended to the
+    exception's args, as webdataset does); reading stops if the handler returns False.
+    """
+    for source in sources:
+        try:
+            yield {"url": source, "stream": opener(source)}
+        except Exception as exn:
+            exn.args = exn.args + (source,)
+            if not handler(exn):
+                break
+
+
 def read_shard(source: str, on_error: Callable[[Exception], None]) -> Iterator[RawSample]:
     """Yields the samples of one shard, in order.
 
     Args:
-        source: Path or URL of the tar (anything webdataset's `gopen` opens).
+        source: Path or URL of the tar (opened by the storage of its form, `jobs.inputs.shards`).
         on_error: Called with each read problem (missing file, truncated tar, duplicate
             member); reading then continues with whatever comes next.
     """
@@ -35,7 +54,7 @@ def read_shard(source: str, on_error: Callable[[Exception], None]) -> Iterator[R
         on_error(exn)
         return True
 
-    streams = tariterators.url_opener([{"url": source}], handler=handler)
+    streams = open_streams([source], storage_for(source).open, handler)
     files = tariterators.tar_file_expander(streams, handler=handler)
     for index, sample in enumerate(tariterators.group_by_keys(files, handler=handler)):
         members = {k: v for k, v in sample.items() if not k.startswith("__")}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,17 +19,14 @@ from typing import Any
 
 import torch
 
-from jobs.config import JobConfig
-from jobs.latent_format import ShardWriter
-from jobs.reader import RawSample, read_shard, split_sample
-from jobs.shards import Shard
-from jobs.video import Clip, VideoError, read_clip
-from vae import encode_video, get_preset, load_vae, plan_encode
+from jobs.dataset.writer import ShardWriter
+from jobs.inputs.shards import Shard
+from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
+from jobs.inputs.video import Clip, VideoError, read_clip
+from jobs.orchestration.config import JobConfig
+from vae import describe_error, encode_video, get_preset, load_vae, plan_encode
 
 log = logging.getLogger(__name__)
-
-# Key of the rows that record shard-level read problems (missing file, truncated tar, ...).
-SHARD_ROW_KEY = "__shard__"
 
 
 @dataclass
@@ -43,9 +39,9 @@ class Progress:
 
 @dataclass
 class ShardDone:
-    name: str
+    """The shard is committed: its marker, and the reasons of its error rows."""
+
     marker: dict[str, Any]
-    seconds: float
     error_reasons: list[str] = field(default_factory=list)
 
 
@@ -102,7 +98,6 @@ class ShardEncoder:
 
     def encode_shard(self, shard: Shard) -> Iterator[Progress | ShardDone]:
         """Encodes one shard; yields progress, then a `ShardDone` once it is committed."""
-        start = time.perf_counter()
         writer = ShardWriter(self.root, shard.name, shard.source, self.constants)
         try:
             yield from self._encode(shard, writer)
@@ -111,7 +106,7 @@ class ShardEncoder:
             writer.abort()
             raise
         reasons = [f"{r['key']}: {r['error']}" for r in writer.rows if r["status"] == "error"]
-        yield ShardDone(shard.name, marker, time.perf_counter() - start, reasons)
+        yield ShardDone(marker, reasons)
 
     def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
         read_errors: list[Exception] = []
@@ -142,9 +137,8 @@ class ShardEncoder:
             yield from finish(window.popleft().result())
         if batch:
             yield self._flush(batch, writer)
-        for i, exn in enumerate(read_errors):
-            after = len(writer.rows)
-            writer.add_error(SHARD_ROW_KEY, -1 - i, f"tar read error after {after} samples: {_describe(exn)}")
+        for exn in read_errors:
+            writer.add_shard_error(f"tar read error after {len(writer.rows)} samples: {describe_error(exn)}")
             yield Progress(0, 0)
 
     def _decode(self, raw: RawSample) -> _Decoded:
@@ -159,7 +153,7 @@ class ShardEncoder:
         except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
         except Exception as e:  # an unexpected decoder failure must not take the shard down
-            return _Decoded(raw, fields, error=f"decode failed: {_describe(e)}")
+            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
         info = clip.info
         fields.update(
             num_frames=clip.pixels.shape[1],
@@ -184,12 +178,12 @@ class ShardEncoder:
             if len(items) == 1:
                 results = [e]
             else:
-                log.warning("batch of %d failed (%s); encoding one at a time", len(items), _describe(e))
+                log.warning("batch of %d failed (%s); encoding one at a time", len(items), describe_error(e))
                 results = [self._run_model_safely(item) for item in items]
         frames = 0
         for item, result in zip(items, results):
             if isinstance(result, Exception):
-                writer.add_error(item.raw.key, item.raw.index, f"encode failed: {_describe(result)}", item.fields)
+                writer.add_error(item.raw.key, item.raw.index, f"encode failed: {describe_error(result)}", item.fields)
             else:
                 writer.add(item.raw.key, item.raw.index, result, item.fields)
                 frames += item.fields["num_frames"]
@@ -231,8 +225,3 @@ def _done(value: _Decoded) -> Future[_Decoded]:
     future: Future[_Decoded] = Future()
     future.set_result(value)
     return future
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae.errors import describe_error
+
 
 class VideoError(ValueError):
     """A video that cannot give the requested clip; the message is the error row's reason."""
@@ -57,7 +59,7 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: in
     try:
         container = av.open(io.BytesIO(data), mode="r")
     except (av.FFmpegError, ValueError, IndexError) as e:
-        raise VideoError(f"cannot open video ({len(data)} bytes): {_describe(e)}") from e
+        raise VideoError(f"cannot open video ({len(data)} bytes): {describe_error(e)}") from e
     with container:
         if not container.streams.video:
             kinds = ", ".join(s.type for s in container.streams) or "none"
@@ -74,7 +76,7 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: in
                 if len(frames) == num_frames:
                     break
         except (av.FFmpegError, ValueError) as e:
-            raise VideoError(f"decoding failed after {len(frames)} frames: {_describe(e)}") from e
+            raise VideoError(f"decoding failed after {len(frames)} frames: {describe_error(e)}") from e
     if len(frames) < num_frames:
         claimed = (
             f" although the container claims {info.num_frames} (truncated file?)"
@@ -118,7 +120,3 @@ def _info(container: av.container.InputContainer, stream: av.video.stream.VideoS
         duration=duration,
         codec=stream.codec_context.name,
     )
-
-
-def _describe(e: Exception) -> str:
-    return f"{type(e).__name__}: {e}".strip()

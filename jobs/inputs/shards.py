@@ -1,10 +1,13 @@
-"""Input shard listing and the output name of each shard.
+"""Input shards: what a SPEC names, behind a small storage interface, and each shard's output name.
 
 A SPEC is a tar path, a directory (every `*.tar` below it), a glob (`data/*/part-*.tar`), a
 brace pattern (`data/shard-{000000..000099}.tar`), or a URL that webdataset can open
 (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`, `https://...`). Each shard's output name
 is its path relative to the fixed part of its SPEC (the directory before the first pattern
 character), so the name is stable across reruns and `a/x.tar` and `b/x.tar` never collide.
+
+A `Storage` lists the shards of a SPEC and opens them for reading; `storage_for(spec)` picks
+one by the SPEC's form. An object store (s3) is one more implementation of the same two calls.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from braceexpand import braceexpand
+from webdataset.gopen import gopen
 
 _PATTERN_CHARS = re.compile(r"[*?\[{]")
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
@@ -24,12 +29,71 @@ _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Shard:
-    source: str  # what webdataset opens: a local path or a URL
+    source: str  # what the storage opens: a local path or a URL
     name: str  # output name without suffix, e.g. "shard-000001" or "clips/part-3"
 
     @property
     def is_local(self) -> bool:
         return not _URL.match(self.source)
+
+
+class Storage(Protocol):
+    """Where input shards live: listing a SPEC, and opening one shard as a byte stream."""
+
+    def list(self, spec: str) -> list[Shard]:
+        """The shards a SPEC names, in order.
+
+        Raises:
+            ValueError: The SPEC matches nothing, or names a missing file.
+        """
+        ...
+
+    def open(self, source: str) -> BinaryIO:
+        """A readable stream of one shard's bytes."""
+        ...
+
+
+class LocalStorage:
+    """Files on a local (or mounted) filesystem: paths, directories, globs and brace patterns."""
+
+    def list(self, spec: str) -> list[Shard]:
+        root = _fixed_root(spec)
+        if os.path.isdir(spec):
+            paths = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True))
+            if not paths:
+                raise ValueError(f"no .tar files under directory {spec}")
+            root = spec
+        else:
+            paths = []
+            for item in braceexpand(spec):
+                if _PATTERN_CHARS.search(item):
+                    matches = sorted(glob.glob(item, recursive=True))
+                    if not matches:
+                        raise ValueError(f"input pattern {item} matches no file")
+                    paths.extend(matches)
+                elif os.path.isfile(item):
+                    paths.append(item)
+                else:
+                    raise ValueError(f"input shard not found: {item}")
+        return [Shard(os.path.abspath(p), _local_name(p, root)) for p in paths]
+
+    def open(self, source: str) -> BinaryIO:
+        return open(source, "rb")
+
+
+class StreamStorage:
+    """URLs webdataset's `gopen` opens (`pipe:...`, `http(s)://...`): brace patterns, no listing."""
+
+    def list(self, spec: str) -> list[Shard]:
+        return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
+
+    def open(self, source: str) -> BinaryIO:
+        return gopen(source)
+
+
+def storage_for(spec: str) -> Storage:
+    """The storage that lists and opens a SPEC or a shard's source."""
+    return StreamStorage() if _URL.match(spec) else LocalStorage()
 
 
 def list_shards(specs: list[str]) -> list[Shard]:
@@ -41,7 +105,7 @@ def list_shards(specs: list[str]) -> list[Shard]:
     """
     shards: dict[str, Shard] = {}
     for spec in specs:
-        for shard in _expand(spec):
+        for shard in storage_for(spec).list(spec):
             shards.setdefault(shard.source, shard)
     by_name: dict[str, str] = {}
     for shard in shards.values():
@@ -49,31 +113,6 @@ def list_shards(specs: list[str]) -> list[Shard]:
         if other != shard.source:
             raise ValueError(f"input shards {other} and {shard.source} would both be written as '{shard.name}'")
     return list(shards.values())
-
-
-def _expand(spec: str) -> list[Shard]:
-    if _URL.match(spec):
-        urls = list(braceexpand(spec))
-        return [Shard(url, _url_name(url)) for url in urls]
-    root = _fixed_root(spec)
-    if os.path.isdir(spec):
-        paths = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True))
-        if not paths:
-            raise ValueError(f"no .tar files under directory {spec}")
-        root = spec
-    else:
-        paths = []
-        for item in braceexpand(spec):
-            if _PATTERN_CHARS.search(item):
-                matches = sorted(glob.glob(item, recursive=True))
-                if not matches:
-                    raise ValueError(f"input pattern {item} matches no file")
-                paths.extend(matches)
-            elif os.path.isfile(item):
-                paths.append(item)
-            else:
-                raise ValueError(f"input shard not found: {item}")
-    return [Shard(os.path.abspath(p), _local_name(p, root)) for p in paths]
 
 
 def _fixed_root(spec: str) -> str:

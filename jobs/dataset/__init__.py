@@ -1,0 +1,15 @@
+"""The latent dataset format: the one owner of every on-disk name, its writer and its readers. No Ray here.
+
+DIR/job.json                       resolved config, fingerprint, VAE identity     (catalog.py)
+DIR/latents/<name>.tar             per input shard: `<key>.safetensors` + `<key>.json` per ok sample
+DIR/meta/<name>.parquet            per input shard: one row per input sample (ok or error)
+DIR/_commits/<name>.json           commit marker, written last                    (writer.py, catalog.py)
+DIR/manifest.json                  written when every shard is committed          (catalog.py)
+DIR/.lock                          held by the one job writing the directory      (catalog.py)
+
+layout.py    the names above, the Parquet SCHEMA, the shard-level error-row key, the format version
+atomic.py    temporary names, fsync and rename: how a file appears complete or not at all
+writer.py    `ShardWriter`: one latent tar + its Parquet file + its commit marker, atomically
+catalog.py   job.json, commit markers, manifest.json and the lock: which shards are done, and how
+reader.py    `read_metadata`, `load_sample` (random access by byte range), `iter_shard`
+"""

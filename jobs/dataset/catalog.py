@@ -1,0 +1,147 @@
+"""The dataset's control files: job.json, the commit markers, manifest.json and the lock.
+
+`job.json` says how the latents were made (the settings and their fingerprint); a shard is done
+when its commit marker exists, carries the job's fingerprint and its files have the recorded
+sizes; `manifest.json` lists every committed shard once the whole job is done. A consumer that
+trusts only markers and the manifest never sees a partial shard.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.dataset.atomic import write_json_atomic
+from jobs.dataset.layout import JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles
+
+# What the manifest keeps of each commit marker (the rest, time and host, is the marker's own).
+MANIFEST_FIELDS = ("name", "source", "samples", "ok", "errors", "frames", "latents", "meta")
+
+
+class DatasetError(ValueError):
+    """A directory that cannot be used as (or turned into) a latent dataset."""
+
+
+class DatasetBusy(DatasetError):
+    """Another job holds the dataset's lock."""
+
+
+@dataclass
+class JobRecord:
+    """What `job.json` holds."""
+
+    fingerprint: str
+    settings: dict[str, Any]  # everything that determines the output bytes
+    config: dict[str, Any]  # the resolved job config
+    inputs: list[str]  # the input shards' sources
+    command: list[str]  # the command line that made it
+
+
+def write_job(root: Path, job: JobRecord) -> None:
+    write_json_atomic(
+        root / JOB_FILE,
+        {
+            "fingerprint": job.fingerprint,
+            "settings": job.settings,
+            "config": job.config,
+            "inputs": job.inputs,
+            "command": job.command,
+        },
+    )
+
+
+def read_job(root: str | Path) -> JobRecord:
+    """The `job.json` of a dataset.
+
+    Raises:
+        DatasetError: No `job.json`, or not one this project wrote.
+    """
+    path = Path(root) / JOB_FILE
+    if not path.is_file():
+        raise DatasetError(f"{root} is not a latent dataset (no {JOB_FILE})")
+    try:
+        data = json.loads(path.read_text())
+        return JobRecord(
+            fingerprint=data["fingerprint"],
+            settings=data["settings"],
+            config=data["config"],
+            inputs=data.get("inputs", []),
+            command=data.get("command", []),
+        )
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); is this a latent dataset?") from None
+    except (KeyError, TypeError) as e:
+        raise DatasetError(f"{path} is not a precompute job file ({type(e).__name__}: {e})") from None
+
+
+def existing_job(root: Path) -> JobRecord | None:
+    """The job a directory holds; None for a new or empty directory.
+
+    Raises:
+        DatasetError: A directory with other things in it, or an unreadable `job.json`.
+    """
+    if (root / JOB_FILE).exists():
+        return read_job(root)
+    if root.exists() and {p.name for p in root.iterdir()} - {LOCK_FILE}:
+        raise DatasetError(f"{root} is not empty and is not a latent dataset (no {JOB_FILE})")
+    return None
+
+
+def read_commit(root: str | Path, name: str) -> dict[str, Any] | None:
+    """The commit marker of a shard, or None if the shard is not (validly) committed."""
+    root = Path(root)
+    path = root / ShardFiles(name).commit
+    try:
+        marker = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    for part in ("latents", "meta"):
+        f = root / marker[part]["path"]
+        if not f.is_file() or f.stat().st_size != marker[part]["bytes"]:
+            return None
+    return marker
+
+
+def committed(root: str | Path, name: str, fingerprint: str, source: str) -> dict[str, Any] | None:
+    """The marker of a shard committed by this job (same fingerprint, same input); else None."""
+    marker = read_commit(root, name)
+    if marker is None or marker.get("fingerprint") != fingerprint or marker.get("source") != source:
+        return None
+    return marker
+
+
+def write_manifest(root: Path, fingerprint: str, markers: list[dict[str, Any]]) -> None:
+    """Writes `manifest.json`: every committed shard and the totals (the job is done)."""
+    shards = [{k: m[k] for k in MANIFEST_FIELDS} for m in markers]
+    write_json_atomic(
+        root / MANIFEST_FILE,
+        {
+            "fingerprint": fingerprint,
+            "shards": shards,
+            "samples": sum(s["samples"] for s in shards),
+            "ok": sum(s["ok"] for s in shards),
+            "errors": sum(s["errors"] for s in shards),
+            "frames": sum(s["frames"] for s in shards),
+        },
+    )
+
+
+@contextmanager
+def output_lock(root: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the dataset directory (created if needed) while the job writes it.
+
+    Raises:
+        DatasetBusy: Another job holds it. A lock left by a killed job is released with its process.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK_FILE, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DatasetBusy(f"another precompute job is writing to {root}") from None
+        yield

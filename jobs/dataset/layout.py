@@ -1,0 +1,82 @@
+"""Every on-disk name of a latent dataset, and the schema of its metadata.
+
+Nothing else in the project spells these names: the writer, the readers, the job and the
+tools that inspect an output directory all ask this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+# Bumped whenever the bytes written for the same inputs and settings change.
+FORMAT_VERSION = 1
+
+LATENTS_DIR = "latents"
+META_DIR = "meta"
+COMMITS_DIR = "_commits"
+JOB_FILE = "job.json"
+MANIFEST_FILE = "manifest.json"
+LOCK_FILE = ".lock"
+TMP_SUFFIX = ".tmp"  # hidden temporaries: `.<final name>.<random>.tmp` beside the final file
+
+# Key of the rows that record shard-level read problems (a truncated tar, a missing file); their
+# `index` is negative, so they sort after the samples.
+SHARD_ROW_KEY = "__shard__"
+
+# One row per input sample. Columns after `fingerprint` describe the VAE and are the same
+# for every row of a job; they are repeated so that any single file is self-describing.
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # webdataset key of the input sample
+        ("source", pa.string()),  # input shard (path or URL)
+        ("index", pa.int32()),  # position of the sample in its input shard
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),  # reason, for status "error"
+        ("shard", pa.string()),  # latent tar, relative to DIR
+        ("offset", pa.int64()),  # byte offset of the `.safetensors` member's data in `shard`
+        ("size", pa.int64()),  # its length in bytes
+        ("latent_shape", pa.list_(pa.int32())),  # C T H W
+        ("latent_dtype", pa.string()),
+        ("num_frames", pa.int32()),  # frames encoded
+        ("height", pa.int32()),  # size encoded
+        ("width", pa.int32()),
+        ("fps", pa.float64()),  # frame rate of the source video (and of the encoded frames)
+        ("caption", pa.string()),
+        ("meta", pa.string()),  # the sample's `.json` member, verbatim
+        ("src_width", pa.int32()),
+        ("src_height", pa.int32()),
+        ("src_num_frames", pa.int32()),  # as reported by the container (0 = unknown)
+        ("src_duration", pa.float64()),
+        ("codec", pa.string()),
+        ("fingerprint", pa.string()),  # job fingerprint (settings that determine the bytes)
+        ("vae", pa.string()),  # preset name
+        ("vae_checkpoint", pa.string()),  # file name of the weights ("" = random init)
+        ("vae_checkpoint_sha256", pa.string()),
+        ("vae_dtype", pa.string()),  # compute dtype
+        ("tiling", pa.string()),  # how the encode was split ("untiled", chunks, tiles; see vae/tiling.py)
+        ("scale_factor", pa.float64()),
+        ("shift_factor", pa.float64()),
+        ("scaling", pa.string()),  # the formula relating stored latents to the raw VAE latent
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """Paths of one output shard, relative to the dataset root."""
+
+    name: str
+
+    @property
+    def latents(self) -> str:
+        return f"{LATENTS_DIR}/{self.name}.tar"
+
+    @property
+    def meta(self) -> str:
+        return f"{META_DIR}/{self.name}.parquet"
+
+    @property
+    def commit(self) -> str:
+        return f"{COMMITS_DIR}/{self.name}.json"

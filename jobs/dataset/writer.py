@@ -1,0 +1,167 @@
+"""`ShardWriter`: one latent tar, its Parquet metadata and its commit marker, committed atomically.
+
+A shard is written under temporary names in the destination folders and renamed into place
+(tar, then Parquet, then the marker), so a visible Parquet file always describes a complete
+tar, and a shard counts as done only when its marker exists with the job's fingerprint.
+The bytes are deterministic (fixed tar headers, no timestamps in the data files), so a
+resumed job ends with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import save as save_safetensors
+
+from jobs.dataset.atomic import sync_close, sync_dir, temp_path, write_json_atomic
+from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles
+from vae.checkpoint import file_sha256
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        n = self._f.write(b)
+        self.sha256.update(memoryview(b)[:n])
+        self.nbytes += n
+        return n
+
+    def tell(self) -> int:
+        return self.nbytes
+
+
+class ShardWriter:
+    """Writes one latent shard and its metadata, then commits them atomically.
+
+    Args:
+        root: Dataset root (DIR).
+        name: Output name of the shard (see `jobs.inputs.shards.Shard.name`).
+        source: The input shard, recorded in every row.
+        constants: Column values shared by every row (fingerprint and VAE identity).
+    """
+
+    def __init__(self, root: str | Path, name: str, source: str, constants: dict[str, Any]) -> None:
+        self.root = Path(root)
+        self.files = ShardFiles(name)
+        self.source = source
+        self.constants = constants
+        self.rows: list[dict[str, Any]] = []
+        self._shard_errors = 0
+        self._tmp: list[Path] = []
+        self._tar_path = self._temp(self.files.latents)
+        self._raw = open(self._tar_path, "wb")
+        self._hash = _HashingWriter(self._raw)
+        self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _temp(self, rel: str) -> Path:
+        tmp = temp_path(self.root / rel)
+        self._tmp.append(tmp)
+        return tmp
+
+    def _add_member(self, name: str, data: bytes) -> int:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        self._tar.addfile(info, io.BytesIO(data))
+        # After addfile the archive offset sits at the end of the 512-byte-padded data.
+        return self._tar.offset - _padded(len(data))
+
+    def add(self, key: str, index: int, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
+        """Adds an encoded sample: its tensors as `<key>.safetensors`, a JSON sidecar, a row."""
+        latent = tensors["latent"]
+        blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key})
+        offset = self._add_member(f"{key}.safetensors", blob)
+        row = {
+            **fields,
+            "key": key,
+            "index": index,
+            "status": "ok",
+            "shard": self.files.latents,
+            "offset": offset,
+            "size": len(blob),
+            "latent_shape": list(latent.shape),
+            "latent_dtype": str(latent.dtype).removeprefix("torch."),
+        }
+        sidecar = {k: row.get(k) for k in ("key", "caption", "num_frames", "height", "width", "fps", "latent_shape")}
+        sidecar["meta"] = json.loads(fields["meta"]) if fields.get("meta") else None
+        self._add_member(f"{key}.json", json.dumps(sidecar, sort_keys=True).encode())
+        self.rows.append(row)
+
+    def add_error(self, key: str, index: int, reason: str, fields: dict[str, Any] | None = None) -> None:
+        """Records a sample that could not be encoded: a row with its reason, nothing in the tar."""
+        self.rows.append({**(fields or {}), "key": key, "index": index, "status": "error", "error": reason})
+
+    def add_shard_error(self, reason: str) -> None:
+        """Records a problem of the shard itself (a truncated tar, a missing file): a row after the samples."""
+        self._shard_errors += 1
+        self.add_error(SHARD_ROW_KEY, -self._shard_errors, reason)
+
+    def commit(self) -> dict[str, Any]:
+        """Closes the tar, then renames tar, Parquet and commit marker into place, in that order."""
+        self._tar.close()
+        sync_close(self._raw)
+        tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
+        os.replace(self._tar_path, self.root / self.files.latents)
+
+        # Rows in input order; shard-level problems (negative index) at the end.
+        self.rows.sort(key=lambda r: (r["index"] < 0, abs(r["index"])))
+        table = pa.Table.from_pylist([self._row(r) for r in self.rows], schema=SCHEMA)
+        meta_tmp = self._temp(self.files.meta)
+        pq.write_table(table, meta_tmp, compression="zstd")
+        meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
+        os.replace(meta_tmp, self.root / self.files.meta)
+
+        ok = sum(r["status"] == "ok" for r in self.rows)
+        marker = {
+            "name": self.files.name,
+            "source": self.source,
+            "fingerprint": self.constants["fingerprint"],
+            "samples": len(self.rows),
+            "ok": ok,
+            "errors": len(self.rows) - ok,
+            "frames": sum(r.get("num_frames") or 0 for r in self.rows if r["status"] == "ok"),
+            "latents": {"path": self.files.latents, "bytes": tar_bytes, "sha256": tar_sha},
+            "meta": {"path": self.files.meta, "bytes": meta_bytes, "sha256": meta_sha},
+            "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": socket.gethostname(),
+        }
+        write_json_atomic(self.root / self.files.commit, marker)
+        for directory in {p.parent for p in self._tmp}:
+            sync_dir(directory)
+        return marker
+
+    def _row(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {**{name: None for name in SCHEMA.names}, **self.constants, "source": self.source, **row}
+
+    def abort(self) -> None:
+        """Drops everything written so far (the temporaries; nothing final was touched)."""
+        try:
+            self._tar.close()
+        except (OSError, tarfile.TarError):
+            pass
+        self._raw.close()
+        for tmp in self._tmp:
+            tmp.unlink(missing_ok=True)
+
+
+def _padded(n: int) -> int:
+    return -(-n // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE

@@ -1,0 +1,121 @@
+"""A whole precompute run: check, plan, claim the output directory, encode what is left, finish.
+
+Shards already committed by an earlier run with the same settings are skipped, so rerunning the
+same command resumes an interrupted job; `manifest.json` is written once every shard is committed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+import ray
+
+from jobs.dataset.atomic import remove_temporaries
+from jobs.dataset.catalog import (
+    DatasetBusy,
+    DatasetError,
+    JobRecord,
+    committed,
+    existing_job,
+    output_lock,
+    write_job,
+    write_manifest,
+)
+from jobs.inputs.shards import Shard, count_samples
+from jobs.orchestration.config import JobConfig, UsageError
+from jobs.orchestration.pool import EncoderPool, connect, schedule, worker_count
+from jobs.orchestration.progress import ProgressBar, Summary
+from jobs.orchestration.settings import Plan, check_config, differences, make_plan
+
+log = logging.getLogger("jobs.precompute")
+
+
+def run(config: JobConfig) -> Summary:
+    """Runs (or resumes) a precompute job and returns its summary.
+
+    Raises:
+        UsageError: Unusable settings, or an output directory that holds something else.
+        CheckpointError: A checkpoint that does not fit the VAE.
+    """
+    started = time.monotonic()
+    shards = check_config(config)
+    owns_ray = connect(config.run.address)
+    try:
+        resources = ray.cluster_resources()
+        plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0)
+        with ExitStack() as held:
+            try:
+                held.enter_context(output_lock(plan.root))
+            except DatasetBusy as e:
+                raise UsageError(str(e)) from None
+            prepare_output(plan)
+            summary = Summary(output=str(plan.root), fingerprint=plan.fingerprint)
+            pending = [s for s in shards if _committed(plan, s) is None]
+            summary.shards_skipped = len(shards) - len(pending)
+            if pending:
+                total = _count(pending)
+                n = worker_count(plan, resources, len(pending))
+                print(
+                    f"{len(pending)} shards to encode ({summary.shards_skipped} already committed), "
+                    f"{total} samples, {n} workers, VAE {plan.config.vae.name} ({plan.config.vae.dtype})",
+                    file=sys.stderr,
+                )
+                pool = EncoderPool(plan, n, resources.get("GPU", 0))
+                bar = ProgressBar(total, len(pending))
+                try:
+                    schedule(plan, pending, pool, bar, summary)
+                finally:
+                    bar.close()
+                    pool.shutdown()
+            remove_temporaries(plan.root)
+            if summary.complete:
+                markers = [m for m in (_committed(plan, s) for s in plan.shards) if m is not None]
+                write_manifest(plan.root, plan.fingerprint, markers)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def prepare_output(plan: Plan) -> None:
+    """Creates the output directory, or checks that it holds a job with the same settings."""
+    try:
+        previous = existing_job(plan.root)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    if previous is not None and previous.fingerprint != plan.fingerprint:
+        changed = differences(previous.settings, plan.settings)
+        raise UsageError(
+            f"{plan.root} holds latents made with other settings ({'; '.join(changed) or 'format'}); "
+            "use a new --output directory, or the original settings to resume"
+        )
+    removed = remove_temporaries(plan.root)
+    if removed:
+        log.warning("removed %d temporary files left by an interrupted run", removed)
+    write_job(
+        plan.root,
+        JobRecord(
+            fingerprint=plan.fingerprint,
+            settings=plan.settings,
+            config=dataclasses.asdict(plan.config),
+            inputs=[s.source for s in plan.shards],
+            command=sys.argv,
+        ),
+    )
+
+
+def _committed(plan: Plan, shard: Shard) -> dict[str, Any] | None:
+    return committed(plan.root, shard.name, plan.fingerprint, shard.source)
+
+
+def _count(shards: list[Shard]) -> int:
+    """Samples in the shards, from tar headers (local shards only; others count as one each)."""
+    with ThreadPoolExecutor(8) as pool:
+        return sum(pool.map(lambda s: count_samples(s.source) if s.is_local else 1, shards))

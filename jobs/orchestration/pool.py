@@ -1,0 +1,142 @@
+"""The Ray side of a run: joining or starting a cluster, the encoder actors, and handing out shards.
+
+One `ShardEncoder` actor per GPU (`num_gpus=1`; CPU actors when the cluster has no GPU) holds one
+VAE. The driver hands each idle actor the next shard, follows its progress through a streaming
+generator, and retries a shard whose attempt failed; an actor whose process died is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections import Counter, deque
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from jobs.inputs.shards import Shard
+from jobs.orchestration.progress import ProgressBar, Summary
+from jobs.orchestration.settings import Plan
+from jobs.orchestration.worker import Progress, ShardDone, ShardEncoder
+from vae import describe_error
+
+log = logging.getLogger("jobs.precompute")
+
+
+def connect(address: str | None) -> bool:
+    """Joins the given cluster (or RAY_ADDRESS's); else starts an embedded one. True if we started it."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **quiet)
+        print(f"joined the Ray cluster at {address}", file=sys.stderr)
+        return False
+    ray.init(address="local", include_dashboard=False, **quiet)
+    print("started an embedded Ray cluster (give --address or RAY_ADDRESS to join one)", file=sys.stderr)
+    return True
+
+
+class EncoderPool:
+    """The encoder actors, each holding one VAE (on one GPU when the cluster has GPUs).
+
+    An actor that dies is not reused: it is killed and replaced by a fresh one, which loads
+    the model again. Replacements are bounded, so a node that kills every actor (a broken GPU,
+    a model that cannot load) ends the job instead of looping.
+    """
+
+    def __init__(self, plan: Plan, count: int, gpus: float) -> None:
+        run = plan.config.run
+        options: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "max_restarts": 0, "max_concurrency": 1}
+        if gpus:
+            options["num_gpus"] = 1
+        self._remote = ray.remote(ShardEncoder).options(**options)
+        self._args = (plan.config, str(plan.root), plan.constants)
+        self.replacements_left = count * run.max_attempts
+        self.actors = [self._remote.remote(*self._args) for _ in range(count)]
+        devices = ray.get([a.ready.remote() for a in self.actors])
+        log.info("%d encoder actors ready on %s", count, ", ".join(sorted(set(devices))))
+
+    def replace(self, actor: Any) -> Any | None:
+        """Kills a failed actor and returns a new one (None once replacements are used up)."""
+        ray.kill(actor, no_restart=True)
+        self.actors.remove(actor)
+        if self.replacements_left <= 0:
+            return None
+        self.replacements_left -= 1
+        fresh = self._remote.remote(*self._args)
+        self.actors.append(fresh)
+        return fresh
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
+    gpus = int(resources.get("GPU", 0))
+    if plan.config.run.workers:
+        n = plan.config.run.workers
+    elif gpus:
+        n = gpus
+    else:
+        n = max(1, int(resources.get("CPU", 1)) // plan.config.run.cpus_per_worker)
+    return max(1, min(n, pending))
+
+
+def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
+    """Runs every shard on the actor pool; retries a shard whose worker failed."""
+    queue = deque(shards)
+    attempts: Counter[str] = Counter()
+    counted: Counter[str] = Counter()  # samples reported so far by a shard's current attempt
+    frames: Counter[str] = Counter()
+    idle = list(pool.actors)
+    running: dict[Any, tuple[Any, Shard]] = {}
+    while running or (queue and idle):
+        while idle and queue:
+            actor, shard = idle.pop(), queue.popleft()
+            attempts[shard.name] += 1
+            running[actor.encode_shard.options(num_returns="streaming").remote(shard)] = (actor, shard)
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        for gen in ready:
+            actor, shard = running[gen]
+            try:
+                message = ray.get(next(gen))
+            except StopIteration:
+                del running[gen]
+                idle.append(actor)
+                continue
+            except (ray.exceptions.RayError, OSError) as e:
+                del running[gen]
+                if isinstance(e, ray.exceptions.RayActorError):
+                    actor = pool.replace(actor)  # the process died: the next attempt gets a fresh one
+                if actor is not None:
+                    idle.append(actor)
+                bar.update(samples=-counted.pop(shard.name, 0), frames=-frames.pop(shard.name, 0))
+                reason = describe_error(e)
+                if attempts[shard.name] < plan.config.run.max_attempts:
+                    log.warning("shard %s failed (attempt %d): %s; retrying", shard.name, attempts[shard.name], reason)
+                    queue.append(shard)
+                else:
+                    summary.failed[shard.name] = f"{attempts[shard.name]} attempts, last: {reason}"
+                continue
+            if isinstance(message, Progress):
+                counted[shard.name] += message.samples
+                frames[shard.name] += message.frames
+                bar.update(samples=message.samples, frames=message.frames)
+            elif isinstance(message, ShardDone):
+                counted.pop(shard.name, None)
+                frames.pop(shard.name, None)
+                marker = message.marker
+                summary.ok += marker["ok"]
+                summary.errors += marker["errors"]
+                summary.frames += marker["frames"]
+                summary.shards_written += 1
+                summary.error_reasons += message.error_reasons
+                bar.update(shards=1)
+        bar.update()
+    for shard in queue:  # only when every actor died and none could replace it
+        summary.failed[shard.name] = "no encoder actor left (each one died; see the Ray logs)"

@@ -1,0 +1,168 @@
+"""From a config to a plan: checks that need no cluster, then the settings, fingerprint and constants.
+
+The settings are everything that determines the output bytes (the VAE and its weights' sha256,
+dtypes, sampling, tiling, frames and size, the format version); their fingerprint goes into
+`job.json`, every commit marker and every Parquet row, so a rerun with other settings is refused
+instead of mixing latents. This module is the one that knows the settings' layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.dataset.layout import FORMAT_VERSION
+from jobs.inputs.shards import Shard, list_shards
+from jobs.orchestration.config import JobConfig, UsageError
+from vae import (
+    CheckpointError,
+    VAEPreset,
+    check_checkpoint,
+    get_preset,
+    resolve_name,
+    weights_path,
+    weights_sha256,
+)
+
+
+@dataclass
+class Plan:
+    config: JobConfig  # with vae.dtype and paths resolved
+    root: Path
+    shards: list[Shard]
+    settings: dict[str, Any]  # everything that determines the output bytes
+    fingerprint: str
+    constants: dict[str, Any]  # columns shared by all rows
+
+
+def usable_preset(name: str) -> VAEPreset:
+    """The preset of `name`, or a UsageError saying why it cannot be had (CheckpointError as it is)."""
+    try:
+        return get_preset(name)
+    except CheckpointError:
+        raise
+    except (KeyError, ImportError, FileNotFoundError, ValueError) as e:  # ImportError: diffusers not installed
+        raise UsageError(e.args[0] if e.args else str(e)) from None
+
+
+def check_config(config: JobConfig) -> list[Shard]:
+    """Validates the settings that need no cluster, resolving paths in place; returns the input shards.
+
+    Raises:
+        UsageError: Unusable settings, VAE, shapes or inputs.
+        CheckpointError: A checkpoint that does not fit the VAE.
+    """
+    config.validate()
+    config.vae.name = resolve_name(config.vae.name)  # a diffusers folder's path made absolute for the workers
+    preset = usable_preset(config.vae.name)
+    v = config.video
+    if v.adapt:
+        fitted = (preset.valid_num_frames(v.num_frames),) + tuple(
+            s - s % preset.size_multiple for s in (v.height, v.width)
+        )
+        if fitted != (v.num_frames, v.height, v.width) and all(fitted):
+            print(
+                f"video.adapt: {v.num_frames} frames {v.height}x{v.width} -> {fitted[0]} frames "
+                f"{fitted[1]}x{fitted[2]} (VAE '{preset.name}': frames {preset.frame_rule}, "
+                f"size x{preset.size_multiple})",
+                file=sys.stderr,
+            )
+            v.num_frames, v.height, v.width = fitted
+    try:
+        preset.check_input(v.num_frames, v.height, v.width)
+    except ValueError as e:
+        raise UsageError(f"{e}; or --set video.adapt=true to fit them") from None
+    if config.vae.checkpoint is not None:
+        config.vae.checkpoint = os.path.abspath(config.vae.checkpoint)
+    try:
+        check_checkpoint(preset, config.vae.checkpoint)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from None
+    try:
+        return list_shards(config.input)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
+    """The plan of a checked config: `vae.dtype` resolved for the cluster, settings and fingerprint."""
+    config = dataclasses.replace(config, vae=dataclasses.replace(config.vae))
+    if config.vae.dtype == "auto":
+        config.vae.dtype = "bfloat16" if has_gpus else "float32"
+    preset = get_preset(config.vae.name)
+    path = weights_path(preset, config.vae.checkpoint)  # a diffusers folder is its own checkpoint
+    sha = weights_sha256(preset, config.vae.checkpoint, config.vae.seed)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "vae": vae_settings(preset, sha, config.vae.dtype),
+        "sampling": {"sample": config.vae.sample, "seed": config.vae.seed},
+        "tiling": dataclasses.asdict(config.vae.tiling),
+        "video": dataclasses.asdict(config.video),
+        "latents": dataclasses.asdict(config.latents),
+    }
+    settings = json.loads(json.dumps(settings))  # as job.json will hold it (tuples -> lists)
+    fp = fingerprint(settings)
+    constants = {
+        "fingerprint": fp,
+        "vae": preset.name,
+        "vae_checkpoint": os.path.basename(path) if path else "",
+        "vae_checkpoint_sha256": sha,
+        "vae_dtype": config.vae.dtype,
+        "scale_factor": preset.scale_factor,
+        "shift_factor": preset.shift_factor,
+        "scaling": preset.scaling,
+    }
+    return Plan(config, Path(config.output).resolve(), shards, settings, fp, constants)
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Short stable hash of the settings that determine the output bytes."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def vae_settings(preset: VAEPreset, sha256: str, dtype: str) -> dict[str, Any]:
+    """The `vae` section of the settings: the preset's description, its weights' identity, the compute dtype."""
+    return {**preset.describe(), "checkpoint_sha256": sha256, "dtype": dtype}
+
+
+@dataclass(frozen=True)
+class RecordedVAE:
+    """The VAE a job's settings recorded, as a later reader (reconstruct, validate) needs it."""
+
+    settings: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return self.settings["checkpoint_sha256"]
+
+    @property
+    def dtype(self) -> str:
+        return self.settings["dtype"]
+
+    def changes(self, preset: VAEPreset) -> list[str]:
+        """The recorded entries that `preset` (as this code builds it now) no longer matches."""
+        current = json.loads(json.dumps(vae_settings(preset, self.sha256, self.dtype)))
+        return sorted(k for k in current if current[k] != self.settings.get(k))
+
+
+def recorded_vae(settings: dict[str, Any]) -> RecordedVAE:
+    return RecordedVAE(settings["vae"])
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: old -> new` for every setting that differs, dotted paths for nested ones."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
