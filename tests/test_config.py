@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from jobs.orchestration.config import JobConfig, load_config
+from jobs.orchestration.config import JobConfig, UsageError, _choice_fields, load_config
 from jobs.orchestration.settings import fingerprint
 
 
@@ -65,3 +65,23 @@ def test_fingerprint_is_stable_and_order_free():
     b = fingerprint({"vae": "x", "video": {"height": 256, "num_frames": 17}})
     assert a == b
     assert a != fingerprint({"vae": "x", "video": {"height": 256, "num_frames": 33}})
+
+
+def test_choices_are_literal_types_checked_in_one_place():
+    # Every choice of the config is a Literal type: the one check reads the allowed values from it.
+    assert {path for path, _, _ in _choice_fields(JobConfig())} == {
+        "vae.dtype",
+        "vae.tiling.mode",
+        "vae.tiling.causal_norm",
+        "latents.dtype",
+    }
+    config = load_config(None, ["vae.tiling.mode=tiled", "vae.dtype=float64", "input=x.tar", "output=out"])
+    with pytest.raises(UsageError, match=re.escape("vae.dtype must be one of auto, float32, bfloat16, float16; got")):
+        config.validate()
+    config.vae.dtype = "auto"
+    with pytest.raises(UsageError, match=re.escape("vae.tiling.mode must be one of off, opensora, auto; got 'tiled'")):
+        config.validate()
+    with pytest.raises(UsageError, match="vae.tiling.causal_norm: expected a string"):
+        load_config(None, ["vae.tiling.causal_norm=3"])
+    config.vae.tiling.mode = "opensora"
+    config.validate()

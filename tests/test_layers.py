@@ -122,3 +122,70 @@ def test_leaf_modules_import_nothing_of_the_package():
 def test_an_arrow_the_wrong_way_is_caught(module, source, rule):
     found = violations({module: imports(source, module)})
     assert found and all(rule in v for v in found), found
+
+
+def family_name_tests(source: str) -> list[str]:
+    """Comparisons of a `family` (or `family.name`) with a string: branches on which model runs."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            names = [ast.unparse(s) for s in sides]
+            if any(n.endswith(("family", "family.name")) for n in names) and any(
+                isinstance(s, ast.Constant | ast.Dict | ast.Set | ast.Tuple | ast.Name) and not n.endswith("family")
+                for s, n in zip(sides, names)
+            ):
+                found.append(ast.unparse(node))
+    return found
+
+
+@pytest.mark.parametrize("module", ["vae/tiling.py", "vae/codec.py", "vae/memory.py", "vae/loading.py"])
+def test_shared_code_asks_the_family_instead_of_testing_its_name(module):
+    assert family_name_tests((REPO / module).read_text()) == []
+
+
+def test_a_branch_on_a_family_name_is_caught():
+    assert family_name_tests('if preset.family == "dc_ae":\n    pass\n')
+    assert family_name_tests('if preset.family.name in ("causal_3d",):\n    pass\n')
+    assert family_name_tests("if preset.family not in OPENSORA_TRAINING:\n    pass\n")
+    assert not family_name_tests("if preset.family.opensora is None:\n    pass\n")
+
+
+def cycles(modules: dict[str, set[str]]) -> list[list[str]]:
+    """Import cycles among the given modules (an imported name counts as its module)."""
+
+    def target(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    edges = {m: {t for n in names if (t := target(n)) is not None and t != m} for m, names in modules.items()}
+    found, state = [], dict.fromkeys(modules, 0)  # 0 unseen, 1 on the path, 2 done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(edges[m]):
+            if state[n] == 1:
+                found.append([*path[path.index(n) :], n] if n in path else [m, n])
+            elif state[n] == 0:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in sorted(modules):
+        if state[m] == 0:
+            visit(m, [m])
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(project_modules()) == []
+
+
+def test_a_cycle_held_by_a_function_level_import_is_caught():
+    modules = {
+        "vae.presets": imports("from vae.autoencoder_2d import X\n", "vae.presets"),
+        "vae.loading": imports("from vae.presets import get_preset\n", "vae.loading"),
+        "vae.autoencoder_2d": set(),
+    }
+    modules["vae.presets"] |= imports("def get_preset():\n    from vae.loading import load\n", "vae.presets")
+    assert cycles(modules) == [["vae.loading", "vae.presets", "vae.loading"]]

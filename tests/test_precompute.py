@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -26,6 +27,8 @@ from jobs.orchestration.driver import run
 from jobs.orchestration.worker import sample_seed
 from jobs.precompute import main
 from vae import encode_video, get_preset, load_vae, plan_encode
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _digests(root):
@@ -260,3 +263,25 @@ def test_cli_entrypoint_exit_status_and_list_vaes():
     )
     bad = subprocess.run([sys.executable, "-m", "jobs.precompute", "--output", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: no input given (--input SPEC)"
+
+
+def test_a_failure_that_is_not_about_the_arguments_keeps_its_traceback(ray_cluster, demo_shards, tmp_path, capsys):
+    """Only usage and checkpoint errors become "error: ..." and exit 2; an OSError of the run propagates."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        main(["--input", str(demo_shards[0]), "--output", str(blocker / "out")])
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_exits_1_with_the_traceback_of_an_unexpected_failure(demo_shards, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["--input", str(demo_shards[0]), "--output", str(blocker / "out")]
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.precompute", *argv], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "NotADirectoryError" in done.stderr
+    assert "\nerror: " not in done.stderr

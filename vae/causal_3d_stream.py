@@ -311,7 +311,7 @@ def stream_encode(
             moments = model.quant_conv(h)
             if out is None:
                 out = moments.new_empty(*moments.shape[:2], num_latent, *moments.shape[3:])
-            first = (start + tc - 1) // tc  # latent index of the chunk's first output
+            first = latent_frames(start, tc, causal=True)  # latent index of the chunk's first output
             out[:, :, first : first + moments.shape[2]] = moments
         fixed = stream.clip_stats()
     assert out is not None

@@ -1,8 +1,9 @@
 """The job's one typed config: nested dataclasses, strict about unknown keys and choices.
 
 A config comes from a YAML or JSON file (`--config`), then command-line overrides
-(`--set video.num_frames=33` and the few named flags of `jobs.precompute`). Every choice is a
-`Literal` type, checked once when the config is loaded. The resolved config is written to
+(`--set video.num_frames=33` and the few named flags of `jobs.precompute`). Loading checks
+keys and types; every choice is a `Literal` type, whose values `JobConfig.validate` checks in
+one place, together with the ranges. The resolved config is written to
 `DIR/job.json` and fingerprinted (`jobs.orchestration.settings`), so a rerun with other
 settings is refused instead of mixing old and new files.
 """

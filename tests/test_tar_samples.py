@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 from jobs.demo_data import write_shard
+from jobs.inputs.shards import LocalStorage, StreamStorage, storage_for
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
 
 EXTS = ["mp4", "mkv"]
@@ -43,3 +44,16 @@ def test_read_shard_in_order_with_problems_reported(tmp_path):
     errors.clear()
     assert list(read_shard(str(tmp_path / "missing.tar"), errors.append)) == []
     assert isinstance(errors[0], FileNotFoundError)
+
+
+def test_each_source_is_opened_by_the_storage_of_its_form(tmp_path):
+    path = tmp_path / "s.tar"
+    write_shard(path, [("a", {"mp4": b"1", "txt": b"x"}), ("b", {"mp4": b"2"})])
+    assert isinstance(storage_for(str(path)), LocalStorage)
+    assert isinstance(storage_for(f"pipe:cat {path}"), StreamStorage)
+    local = [(s.key, s.files) for s in read_shard(str(path), print)]
+    piped = [(s.key, s.files) for s in read_shard(f"pipe:cat {path}", print)]
+    assert local == piped == [("a", {"mp4": b"1", "txt": b"x"}), ("b", {"mp4": b"2"})]
+    errors: list[Exception] = []
+    assert list(read_shard(str(tmp_path / "gone.tar"), errors.append)) == []
+    assert isinstance(errors[0], FileNotFoundError) and errors[0].args[-1] == str(tmp_path / "gone.tar")
