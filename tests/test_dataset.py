@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import duckdb
 import pyarrow.parquet as pq
 import pytest
@@ -97,3 +101,62 @@ def test_parquet_is_deterministic(tmp_path):
     for rel in ("latents/part-0.tar", "meta/part-0.parquet"):
         assert (tmp_path / "x" / rel).read_bytes() == (tmp_path / "y" / rel).read_bytes()
     assert pq.read_schema(tmp_path / "x" / "meta" / "part-0.parquet").equals(SCHEMA)
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("blocked", ["meta/part-0.parquet", "_commits/part-0.json"])
+def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
+    """The rename of the Parquet file (or of the marker) fails: nothing of the shard stays visible."""
+    (tmp_path / blocked).mkdir(parents=True)  # a non-empty folder where the file must go
+    (tmp_path / blocked / "x").touch()
+    writer, _ = _write(tmp_path)
+    with pytest.raises(OSError):
+        writer.commit()
+    writer.abort()
+    assert _files(tmp_path) == [f"{blocked}/x"]  # no tar, no Parquet file, no marker, no temporary
+    assert read_commit(tmp_path, "part-0") is None
+
+
+def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
+    """Spies on the real `os.fsync` (it still runs) and on renames through Python's audit events."""
+    events: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def audit(event, args):
+        if event == "os.rename":
+            events.append(("rename", str(args[0])))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sys.addaudithook(audit)  # audit hooks cannot be removed; this one records only while `events` is read here
+    writer, _ = _write(tmp_path)
+    writer.commit()
+    done = list(events)
+    events.clear()
+    renamed = [path for kind, path in done if kind == "rename"]
+    assert len(renamed) == 3 and [Path(p).name.split(".")[1] for p in renamed] == ["part-0", "part-0", "part-0"]
+    assert [Path(p).parent.name for p in renamed] == ["latents", "meta", "_commits"]  # the marker last
+    for path in renamed:
+        i = done.index(("rename", path))
+        assert ("fsync", path) in done[:i], f"{path} renamed before it was fsynced"
+    last_data_rename = done.index(("rename", renamed[1]))
+    synced_dirs = {p for kind, p in done[last_data_rename:] if kind == "fsync"}
+    assert {str(tmp_path / "latents"), str(tmp_path / "meta"), str(tmp_path / "_commits")} <= synced_dirs
+    assert done.index(("fsync", str(tmp_path / "meta"))) < done.index(("rename", renamed[2]))
+
+
+def test_a_same_size_corruption_fails_verification(tmp_path):
+    writer, _ = _write(tmp_path)
+    marker = writer.commit()
+    tar = tmp_path / marker["latents"]["path"]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    assert read_commit(tmp_path, "part-0") == marker  # sizes only: cheap
+    assert read_commit(tmp_path, "part-0", verify=True) is None

@@ -41,12 +41,16 @@ def sync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Writes JSON to a temporary sibling, fsyncs it, and renames it over `path`."""
     tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
+        raise
 
 
 def remove_temporaries(root: str | Path) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 
 from jobs.dataset.atomic import write_json_atomic
 from jobs.dataset.layout import JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles
+from vae.checkpoint import file_sha256
 
 # What the manifest keeps of each commit marker (the rest, time and host, is the marker's own).
 MANIFEST_FIELDS = ("name", "source", "samples", "ok", "errors", "frames", "latents", "meta")
@@ -92,24 +93,32 @@ def existing_job(root: Path) -> JobRecord | None:
     return None
 
 
-def read_commit(root: str | Path, name: str) -> dict[str, Any] | None:
-    """The commit marker of a shard, or None if the shard is not (validly) committed."""
+def read_commit(root: str | Path, name: str, verify: bool = False) -> dict[str, Any] | None:
+    """The commit marker of a shard, or None if the shard is not (validly) committed.
+
+    The files the marker names must exist with the recorded sizes; with `verify`, also with the
+    recorded sha256 (this reads them: a same-size corruption passes without it).
+    """
     root = Path(root)
     path = root / ShardFiles(name).commit
     try:
         marker = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        for part in ("latents", "meta"):
+            f = root / marker[part]["path"]
+            if not f.is_file() or f.stat().st_size != marker[part]["bytes"]:
+                return None
+            if verify and file_sha256(f) != marker[part]["sha256"]:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable or not a marker of ours
         return None
-    for part in ("latents", "meta"):
-        f = root / marker[part]["path"]
-        if not f.is_file() or f.stat().st_size != marker[part]["bytes"]:
-            return None
     return marker
 
 
-def committed(root: str | Path, name: str, fingerprint: str, source: str) -> dict[str, Any] | None:
+def committed(
+    root: str | Path, name: str, fingerprint: str, source: str, verify: bool = False
+) -> dict[str, Any] | None:
     """The marker of a shard committed by this job (same fingerprint, same input); else None."""
-    marker = read_commit(root, name)
+    marker = read_commit(root, name, verify)
     if marker is None or marker.get("fingerprint") != fingerprint or marker.get("source") != source:
         return None
     return marker

@@ -68,6 +68,7 @@ class ShardWriter:
         self.rows: list[dict[str, Any]] = []
         self._shard_errors = 0
         self._tmp: list[Path] = []
+        self._placed: list[Path] = []  # final names this attempt has renamed into place, until committed
         self._tar_path = self._temp(self.files.latents)
         self._raw = open(self._tar_path, "wb")
         self._hash = _HashingWriter(self._raw)
@@ -116,19 +117,28 @@ class ShardWriter:
         self.add_error(SHARD_ROW_KEY, -self._shard_errors, reason)
 
     def commit(self) -> dict[str, Any]:
-        """Closes the tar, then renames tar, Parquet and commit marker into place, in that order."""
+        """Completes the tar and the Parquet file under temporary names (each fsynced), renames
+        both into place, then writes the commit marker: the commit point. Until the marker
+        exists nothing of this shard counts as written, and `abort` removes what was placed."""
         self._tar.close()
         sync_close(self._raw)
         tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
-        os.replace(self._tar_path, self.root / self.files.latents)
 
         # Rows in input order; shard-level problems (negative index) at the end.
         self.rows.sort(key=lambda r: (r["index"] < 0, abs(r["index"])))
         table = pa.Table.from_pylist([self._row(r) for r in self.rows], schema=SCHEMA)
         meta_tmp = self._temp(self.files.meta)
-        pq.write_table(table, meta_tmp, compression="zstd")
+        with open(meta_tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
-        os.replace(meta_tmp, self.root / self.files.meta)
+
+        for tmp, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
+            os.replace(tmp, self.root / rel)
+            self._placed.append(self.root / rel)
+        for directory in {p.parent for p in self._placed}:
+            sync_dir(directory)  # the data files' names are on disk before a marker names them
 
         ok = sum(r["status"] == "ok" for r in self.rows)
         marker = {
@@ -144,23 +154,26 @@ class ShardWriter:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": socket.gethostname(),
         }
-        write_json_atomic(self.root / self.files.commit, marker)
-        for directory in {p.parent for p in self._tmp}:
-            sync_dir(directory)
+        commit = self.root / self.files.commit
+        write_json_atomic(commit, marker)
+        self._placed.clear()  # committed: nothing to take back
+        sync_dir(commit.parent)
         return marker
 
     def _row(self, row: dict[str, Any]) -> dict[str, Any]:
         return {**{name: None for name in SCHEMA.names}, **self.constants, "source": self.source, **row}
 
     def abort(self) -> None:
-        """Drops everything written so far (the temporaries; nothing final was touched)."""
+        """Drops everything this attempt wrote: its temporaries, and any file it renamed into place
+        before the commit failed (a final-named tar without a marker must not pass for data)."""
         try:
             self._tar.close()
         except (OSError, tarfile.TarError):
             pass
         self._raw.close()
-        for tmp in self._tmp:
-            tmp.unlink(missing_ok=True)
+        for path in [*self._tmp, *self._placed]:
+            path.unlink(missing_ok=True)
+        self._placed.clear()
 
 
 def _padded(n: int) -> int:

@@ -56,7 +56,7 @@ def run(config: JobConfig) -> Summary:
                 raise UsageError(str(e)) from None
             prepare_output(plan)
             summary = Summary(output=str(plan.root), fingerprint=plan.fingerprint)
-            pending = [s for s in shards if _committed(plan, s) is None]
+            pending = _pending(plan, shards)
             summary.shards_skipped = len(shards) - len(pending)
             if pending:
                 total = _count(pending)
@@ -111,8 +111,15 @@ def prepare_output(plan: Plan) -> None:
     )
 
 
-def _committed(plan: Plan, shard: Shard) -> dict[str, Any] | None:
-    return committed(plan.root, shard.name, plan.fingerprint, shard.source)
+def _committed(plan: Plan, shard: Shard, verify: bool = False) -> dict[str, Any] | None:
+    return committed(plan.root, shard.name, plan.fingerprint, shard.source, verify)
+
+
+def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
+    """The shards to encode: those without a marker of this job whose files match its checksums."""
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(lambda s: _committed(plan, s, verify=True) is not None, shards))
+    return [s for s, d in zip(shards, done) if not d]
 
 
 def _count(shards: list[Shard]) -> int:
