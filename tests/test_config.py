@@ -85,3 +85,12 @@ def test_choices_are_literal_types_checked_in_one_place():
         load_config(None, ["vae.tiling.causal_norm=3"])
     config.vae.tiling.mode = "opensora"
     config.validate()
+
+
+def test_a_bare_off_is_the_choice_not_a_boolean(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("vae:\n  tiling:\n    mode: off\n")
+    assert load_config(path).vae.tiling.mode == "off"
+    assert load_config(None, ["vae.tiling.mode=off"]).vae.tiling.mode == "off"
+    with pytest.raises(UsageError, match="vae.tiling.causal_norm: expected a string, got True"):
+        load_config(None, ["vae.tiling.causal_norm=yes"])

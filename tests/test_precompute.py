@@ -22,8 +22,9 @@ from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes, write_shard
 from jobs.inputs.tar_samples import read_shard
 from jobs.inputs.video import read_clip
-from jobs.orchestration.config import TilingSection, UsageError
-from jobs.orchestration.driver import run
+from jobs.orchestration.config import TilingSection, UsageError, apply_override
+from jobs.orchestration.driver import prepare_output, run
+from jobs.orchestration.settings import check_config, make_plan
 from jobs.orchestration.worker import sample_seed
 from jobs.precompute import main
 from vae import encode_video, get_preset, load_vae, plan_encode
@@ -122,6 +123,78 @@ def test_resume_redoes_only_uncommitted_shards(clean_run, demo_shards, tmp_path)
     summary = run(small_config(demo_shards, out))
     assert summary.shards_written == 1 and summary.shards_skipped == 2 and summary.ok == 4
     assert _digests(out) == before  # identical bytes, temporaries gone
+
+
+@pytest.mark.parametrize("damage", ["marker of other settings", "same-size corruption"])
+def test_a_shard_not_committed_by_these_settings_is_redone(clean_run, demo_shards, damage):
+    out, _ = clean_run
+    before = _digests(out)
+    if damage == "marker of other settings":
+        path = out / "_commits" / "shard-000002.json"
+        marker = json.loads(path.read_text())
+        path.write_text(json.dumps({**marker, "fingerprint": "0" * 16}))
+    else:
+        tar = out / "latents" / "shard-000002.tar"
+        data = bytearray(tar.read_bytes())
+        data[2000] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    summary = run(small_config(demo_shards, out))
+    assert summary.shards_written == 1 and summary.shards_skipped == 2 and summary.ok == 4
+    assert _digests(out) == before
+
+
+def test_leftovers_of_an_interrupted_run_are_removed_before_it_goes_on(demo_shards, tmp_path):
+    config = small_config(demo_shards[:1], tmp_path / "o")
+    plan = make_plan(config, check_config(config), has_gpus=False)
+    prepare_output(plan)
+    leftovers = [
+        tmp_path / "o" / "latents" / ".shard-000000.tar.0123456789ab.tmp",
+        tmp_path / "o" / "meta" / "a" / ".shard-000007.parquet.0123456789ab.tmp",
+        tmp_path / "o" / ".job.json.0123456789ab.tmp",
+    ]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"partial")
+    prepare_output(plan)  # the start of a run, before any shard is handed out
+    assert not [p for p in leftovers if p.exists()]
+
+
+FINGERPRINTED = [
+    "vae.name=dc-ae-tiny",
+    "vae.checkpoint=configs/demo-vae.safetensors",
+    "vae.dtype=bfloat16",
+    "vae.sample=false",
+    "vae.seed=1",
+    "vae.tiling.mode=off",
+    "vae.tiling.memory_budget_gb=1",
+    "vae.tiling.causal_norm=chunk",
+    "video.num_frames=4",
+    "video.height=96",
+    "video.width=96",
+    "video.adapt=true",
+    "video.extensions=[mp4]",
+    "latents.dtype=bfloat16",
+    "latents.store_posterior=true",
+]
+NOT_FINGERPRINTED = ["run.workers=2", "run.max_attempts=1", "run.decode_threads=1", "run.address=127.0.0.1:6379"]
+
+
+def _fingerprint(demo_shards, tmp_path, override: str | None) -> str:
+    config = small_config(demo_shards[:1], tmp_path / "o")
+    if override:
+        apply_override(config, override.replace("configs/", f"{REPO}/configs/"))
+    return make_plan(config, check_config(config), has_gpus=False).fingerprint
+
+
+@pytest.mark.parametrize("override", FINGERPRINTED)
+def test_every_setting_that_changes_the_bytes_changes_the_fingerprint(demo_shards, tmp_path, override):
+    """The settings the job itself builds are hashed, not a hand-made dict."""
+    assert _fingerprint(demo_shards, tmp_path, override) != _fingerprint(demo_shards, tmp_path, None)
+
+
+@pytest.mark.parametrize("override", NOT_FINGERPRINTED)
+def test_settings_that_leave_the_bytes_alone_keep_the_fingerprint(demo_shards, tmp_path, override):
+    assert _fingerprint(demo_shards, tmp_path, override) == _fingerprint(demo_shards, tmp_path, None)
 
 
 def test_broken_samples_become_error_rows(ray_cluster, tmp_path):

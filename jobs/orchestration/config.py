@@ -166,6 +166,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         return from_dict(tp, value, path)
     choices = _choices(tp)
     if choices is not None:  # a choice: its type here, its value in `JobConfig.validate`
+        if isinstance(value, bool) and {"off", "on"} & set(choices):
+            return "on" if value else "off"  # YAML 1.1 reads a bare `off` (or `on`) as a boolean
         return _coerce(type(choices[0]), value, path)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
