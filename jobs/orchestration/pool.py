@@ -54,7 +54,7 @@ class EncoderPool:
         if gpus:
             options["num_gpus"] = 1
         self._remote = ray.remote(ShardEncoder).options(**options)
-        self._args = (plan.config, str(plan.root), plan.constants)
+        self._args = (plan.config, str(plan.root), plan.constants, plan.allow_shell)
         self.replacements_left = count * run.max_attempts
         self.actors = [self._remote.remote(*self._args) for _ in range(count)]
         devices = ray.get([a.ready.remote() for a in self.actors])

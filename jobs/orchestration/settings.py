@@ -39,6 +39,7 @@ class Plan:
     settings: dict[str, Any]  # everything that determines the output bytes
     fingerprint: str
     constants: dict[str, Any]  # columns shared by all rows
+    allow_shell: bool = False  # the user's opt-in to `pipe:` sources (a policy of the run, not a setting)
 
 
 def usable_preset(name: str) -> VAEPreset:
@@ -51,8 +52,10 @@ def usable_preset(name: str) -> VAEPreset:
         raise UsageError(e.args[0] if e.args else str(e)) from None
 
 
-def check_config(config: JobConfig) -> list[Shard]:
+def check_config(config: JobConfig, allow_shell: bool = False) -> list[Shard]:
     """Validates the settings that need no cluster, resolving paths in place; returns the input shards.
+
+    `allow_shell` lets `pipe:` SPECs run their commands (the user's opt-in on the command line).
 
     Raises:
         UsageError: Unusable settings, VAE, shapes or inputs.
@@ -85,7 +88,7 @@ def check_config(config: JobConfig) -> list[Shard]:
     except FileNotFoundError as e:
         raise UsageError(str(e)) from None
     try:
-        return list_shards(config.input)
+        return list_shards(config.input, allow_shell)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

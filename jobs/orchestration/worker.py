@@ -71,13 +71,15 @@ class ShardEncoder:
         config: The resolved job config (`vae.dtype` already resolved from "auto").
         root: Output directory.
         constants: Column values shared by all rows (fingerprint, VAE identity).
+        allow_shell: Whether `pipe:` sources may run their commands (the user opted in).
     """
 
-    def __init__(self, config: JobConfig, root: str, constants: dict[str, Any]) -> None:
+    def __init__(self, config: JobConfig, root: str, constants: dict[str, Any], allow_shell: bool = False) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         self.config = config
         self.root = root
         self.constants = constants
+        self.allow_shell = allow_shell
         self.device = device_for_worker()
         if self.device.type == "cpu":
             torch.set_num_threads(config.run.cpus_per_worker)
@@ -109,7 +111,7 @@ class ShardEncoder:
         yield ShardDone(marker, reasons)
 
     def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
-        read_errors: list[Exception] = []
+        damage: list[str] = []
         window: deque[Future[_Decoded]] = deque()
         batch: list[_Decoded] = []
         seen: dict[str, int] = {}
@@ -124,7 +126,7 @@ class ShardEncoder:
             if len(batch) == self.config.run.batch_size:
                 yield self._flush(batch, writer)
 
-        for raw in read_shard(shard.source, read_errors.append):
+        for raw in read_shard(shard.source, damage.append, allow_shell=self.allow_shell):
             if raw.key in seen:
                 reason = f"duplicate key (first at index {seen[raw.key]} of this shard)"
                 window.append(_done(_Decoded(raw, {}, error=reason)))
@@ -137,8 +139,8 @@ class ShardEncoder:
             yield from finish(window.popleft().result())
         if batch:
             yield self._flush(batch, writer)
-        for exn in read_errors:
-            writer.add_shard_error(f"tar read error after {len(writer.rows)} samples: {describe_error(exn)}")
+        for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
+            writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
             yield Progress(0, 0)
 
     def _decode(self, raw: RawSample) -> _Decoded:
