@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tarfile
 from pathlib import Path
 
 import duckdb
@@ -160,3 +161,32 @@ def test_a_same_size_corruption_fails_verification(tmp_path):
     tar.write_bytes(bytes(data))
     assert read_commit(tmp_path, "part-0") == marker  # sizes only: cheap
     assert read_commit(tmp_path, "part-0", verify=True) is None
+
+
+def test_fields_a_column_cannot_hold_are_made_safe_not_fatal(tmp_path):
+    writer = ShardWriter(tmp_path, "s", "/d/s.tar", CONSTANTS)
+    latent = {"latent": torch.zeros(4, 1, 2, 2)}
+    writer.add("huge", 0, latent, {"num_frames": 8, "src_num_frames": 4_026_531_840, "caption": "a \ud800 b"})
+    writer.add_error("bad\udcff", 1, "no video", {"caption": "\udcff", "src_width": 2**40})
+    writer.commit()
+    rows = read_metadata(tmp_path).to_pylist()
+    assert rows[0]["status"] == "ok" and rows[0]["src_num_frames"] is None and rows[0]["caption"] == "a \\ud800 b"
+    assert rows[1]["key"] == "bad\\udcff" and rows[1]["src_width"] is None
+
+
+def test_member_names_are_safe_relative_paths_and_rows_keep_the_key(tmp_path):
+    keys = ["../../escape", "/abs/olute", "ok/fine", "k" * 300]
+    writer = ShardWriter(tmp_path, "s", "/d/s.tar", CONSTANTS)
+    for i, key in enumerate(keys):
+        writer.add(key, i, {"latent": torch.full((4, 1, 2, 2), float(i))}, {"num_frames": 1})
+    writer.commit()
+    with tarfile.open(tmp_path / "latents" / "s.tar") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "x", filter="data")  # would refuse an escaping name
+    assert len(names) == 8 and len(set(names)) == 8
+    assert all(not n.startswith("/") and ".." not in n.split("/") and len(n.encode()) < 255 for n in names)
+    assert "ok/fine.safetensors" in names
+    rows = read_metadata(tmp_path).to_pylist()
+    assert [r["key"] for r in rows] == keys
+    for i, row in enumerate(rows):
+        assert load_sample(tmp_path, row)["latent"].max().item() == i

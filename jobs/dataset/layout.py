@@ -6,6 +6,8 @@ tools that inspect an output directory all ask this module.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -80,3 +82,24 @@ class ShardFiles:
     @property
     def commit(self) -> str:
         return f"{COMMITS_DIR}/{self.name}.json"
+
+
+_UNSAFE_PART = re.compile(r"^\.{1,2}$|[\x00-\x1f\x7f\\]")
+MAX_MEMBER_STEM = 200  # bytes: a tar member name, and a file name when extracted, stay well under 255
+
+
+def member_stem(key: str) -> str:
+    """The name of a sample's members in a latent tar (`<stem>.safetensors`, `<stem>.json`).
+
+    A key that is a safe relative path is its own stem. Any other (absolute, `..` or empty
+    parts, control characters or backslashes, too long) is cleaned and given a hash of the key, so
+    that no extraction can leave the destination folder and no two keys share a stem; the row
+    and the sidecar keep the original key.
+    """
+    parts = key.split("/")
+    if len(key.encode()) <= MAX_MEMBER_STEM and all(p and not _UNSAFE_PART.search(p) for p in parts):
+        return key
+    cleaned = "/".join(_UNSAFE_PART.sub("_", p) or "_" for p in parts if p != "") or "_"
+    digest = hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:16]
+    head = cleaned.encode()[: MAX_MEMBER_STEM - 17].decode("utf-8", "ignore")
+    return f"{head}~{digest}"

@@ -25,8 +25,30 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from jobs.dataset.atomic import sync_close, sync_dir, temp_path, write_json_atomic
-from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles
+from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
 from vae.checkpoint import file_sha256
+from vae.errors import describe_error
+
+# The range of each integer column; a value outside it (a container that claims 4e9 frames) is unknown.
+_INT_RANGES = {
+    f.name: (-(2 ** (f.type.bit_width - 1)), 2 ** (f.type.bit_width - 1) - 1)
+    for f in SCHEMA
+    if pa.types.is_integer(f.type)
+}
+
+
+def storable(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with every value the schema can hold: text made valid UTF-8 (a lone surrogate
+    becomes `\\udNNN`), integers outside their column's range set to None (unknown)."""
+    out = {}
+    for name, value in row.items():
+        if isinstance(value, str):
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        elif isinstance(value, int) and not isinstance(value, bool) and name in _INT_RANGES:
+            low, high = _INT_RANGES[name]
+            value = value if low <= value <= high else None
+        out[name] = value
+    return out
 
 
 class _HashingWriter(io.RawIOBase):
@@ -87,29 +109,56 @@ class ShardWriter:
         return self._tar.offset - _padded(len(data))
 
     def add(self, key: str, index: int, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
-        """Adds an encoded sample: its tensors as `<key>.safetensors`, a JSON sidecar, a row."""
+        """Adds an encoded sample: its tensors as `<stem>.safetensors`, a JSON sidecar, a row.
+
+        Raises:
+            ValueError: The sample cannot be stored (nothing of it was written; make it an error row).
+            OSError: Writing the tar failed (the shard fails).
+        """
         latent = tensors["latent"]
-        blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key})
-        offset = self._add_member(f"{key}.safetensors", blob)
-        row = {
-            **fields,
-            "key": key,
-            "index": index,
-            "status": "ok",
-            "shard": self.files.latents,
-            "offset": offset,
-            "size": len(blob),
-            "latent_shape": list(latent.shape),
-            "latent_dtype": str(latent.dtype).removeprefix("torch."),
-        }
-        sidecar = {k: row.get(k) for k in ("key", "caption", "num_frames", "height", "width", "fps", "latent_shape")}
-        sidecar["meta"] = json.loads(fields["meta"]) if fields.get("meta") else None
-        self._add_member(f"{key}.json", json.dumps(sidecar, sort_keys=True).encode())
+        row = storable(
+            {
+                **fields,
+                "key": key,
+                "index": index,
+                "status": "ok",
+                "shard": self.files.latents,
+                "offset": None,
+                "size": None,
+                "latent_shape": list(latent.shape),
+                "latent_dtype": str(latent.dtype).removeprefix("torch."),
+            }
+        )
+        try:  # everything that can fail for this sample, before anything is written
+            blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": row["key"]})
+            sidecar = {
+                k: row.get(k) for k in ("key", "caption", "num_frames", "height", "width", "fps", "latent_shape")
+            }
+            sidecar["meta"] = json.loads(row["meta"]) if row.get("meta") else None
+            sidecar_bytes = json.dumps(sidecar, sort_keys=True).encode()
+            self._check({**row, "offset": 0, "size": len(blob)})
+        except (ValueError, TypeError, RecursionError, pa.ArrowException) as e:
+            raise ValueError(f"cannot store the sample: {describe_error(e)}") from e
+        stem = member_stem(row["key"])
+        row["offset"], row["size"] = self._add_member(f"{stem}.safetensors", blob), len(blob)
+        self._add_member(f"{stem}.json", sidecar_bytes)
         self.rows.append(row)
 
     def add_error(self, key: str, index: int, reason: str, fields: dict[str, Any] | None = None) -> None:
-        """Records a sample that could not be encoded: a row with its reason, nothing in the tar."""
-        self.rows.append({**(fields or {}), "key": key, "index": index, "status": "error", "error": reason})
+        """Records a sample that could not be encoded: a row with its reason, nothing in the tar.
+
+        Fields that cannot be stored are dropped (the key, index and reason always can).
+        """
+        row = storable({**(fields or {}), "key": key, "index": index, "status": "error", "error": reason})
+        try:
+            self._check(row)
+        except (ValueError, TypeError, pa.ArrowException):
+            row = {k: row[k] for k in ("key", "index", "status", "error")}
+        self.rows.append(row)
+
+    def _check(self, row: dict[str, Any]) -> None:
+        """Raises if `row` would not convert to the schema (so that the commit cannot fail on it)."""
+        pa.Table.from_pylist([self._row(row)], schema=SCHEMA)
 
     def add_shard_error(self, reason: str) -> None:
         """Records a problem of the shard itself (a truncated tar, a missing file): a row after the samples."""

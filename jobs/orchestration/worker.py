@@ -144,8 +144,15 @@ class ShardEncoder:
             yield Progress(0, 0)
 
     def _decode(self, raw: RawSample) -> _Decoded:
-        v = self.config.video
+        """Splits and decodes one sample; whatever it contains ends here as an error at worst."""
         fields: dict[str, Any] = {}
+        try:
+            return self._decode_sample(raw, fields)
+        except Exception as e:  # the per-sample boundary: nothing a sample holds takes the shard down
+            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
+
+    def _decode_sample(self, raw: RawSample, fields: dict[str, Any]) -> _Decoded:
+        v = self.config.video
         parts = split_sample(raw, v.extensions)
         fields.update(caption=parts.caption, meta=parts.meta)
         if parts.problem is not None or parts.video is None:
@@ -154,8 +161,6 @@ class ShardEncoder:
             clip = read_clip(parts.video, v.num_frames, v.height, v.width, threads=self.ffmpeg_threads)
         except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
-        except Exception as e:  # an unexpected decoder failure must not take the shard down
-            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
         info = clip.info
         fields.update(
             num_frames=clip.pixels.shape[1],
@@ -187,8 +192,11 @@ class ShardEncoder:
             if isinstance(result, Exception):
                 writer.add_error(item.raw.key, item.raw.index, f"encode failed: {describe_error(result)}", item.fields)
             else:
-                writer.add(item.raw.key, item.raw.index, result, item.fields)
-                frames += item.fields["num_frames"]
+                try:
+                    writer.add(item.raw.key, item.raw.index, result, item.fields)
+                    frames += item.fields["num_frames"]
+                except ValueError as e:  # nothing of it was written
+                    writer.add_error(item.raw.key, item.raw.index, str(e), item.fields)
         return Progress(len(items), frames)
 
     def _run_model_safely(self, item: _Decoded) -> dict[str, torch.Tensor] | Exception:
