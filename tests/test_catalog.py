@@ -72,7 +72,10 @@ def test_manifest_lists_the_markers_and_their_totals(tmp_path):
         for k in range(i + 1):
             writer.add_error(f"k{k}", k, "too short")
         markers.append(writer.commit())
-    write_manifest(tmp_path, FINGERPRINT, markers)
+    other = ShardWriter(tmp_path, "nested/s9", "/d/s9.tar", {"fingerprint": "f" * 16})
+    other.add_error("k", 0, "too short")
+    other.commit()  # a marker of other settings is not part of this dataset
+    assert write_manifest(tmp_path, FINGERPRINT) == json.loads((tmp_path / MANIFEST_FILE).read_text())
     manifest = json.loads((tmp_path / MANIFEST_FILE).read_text())
     assert [s["name"] for s in manifest["shards"]] == ["s0", "s1"]
     assert (manifest["samples"], manifest["errors"], manifest["ok"]) == (3, 3, 0)
@@ -86,3 +89,14 @@ def test_one_writer_at_a_time(tmp_path):
                 pass
     with output_lock(tmp_path):  # released when the holder is done
         pass
+
+
+def test_a_job_killed_before_its_job_file_leaves_a_fresh_directory(tmp_path):
+    (tmp_path / LOCK_FILE).touch()
+    (tmp_path / ".job.json.0123456789ab.tmp").write_text("{")
+    (tmp_path / "latents" / "a").mkdir(parents=True)
+    (tmp_path / "latents" / "a" / ".x.tar.0123456789ab.tmp").write_bytes(b"partial")
+    assert existing_job(tmp_path) is None
+    (tmp_path / "latents" / "a" / "x.tar").write_bytes(b"final")  # a final-named file is not a leftover
+    with pytest.raises(DatasetError, match="not empty"):
+        existing_job(tmp_path)

@@ -381,3 +381,25 @@ def test_pipe_inputs_need_the_users_opt_in(demo_shards, tmp_path, capsys):
     ran = tmp_path / "ran"
     assert main(["--input", f"pipe:touch {ran}; cat {demo_shards[0]}", "--output", str(tmp_path / "o")]) == 2
     assert "is a shell command (pipe:)" in capsys.readouterr().err and not ran.exists()
+
+
+def test_a_rerun_with_other_inputs_adds_to_the_manifest_and_job_file(ray_cluster, demo_shards, tmp_path):
+    out = tmp_path / "out"
+    run(small_config(demo_shards[:1], out))
+    run(small_config(demo_shards[1:2], out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == [demo_shards[0].stem, demo_shards[1].stem]
+    assert manifest["samples"] == 8
+    assert json.loads((out / "job.json").read_text())["inputs"] == [str(demo_shards[0]), str(demo_shards[1])]
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_run_and_leaves_no_temporary(ray_cluster, demo_shards, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--input", str(demo_shards[0]), "--output", str(out), "--set", "video.num_frames=8"]
+    assert main(argv) == 0
+    (out / "manifest.json").unlink()
+    (out / "manifest.json" / "blocker").mkdir(parents=True)  # where the manifest must go
+    with pytest.raises(OSError):  # not a usage error: main lets it out with its traceback (exit 1)
+        main(argv)
+    assert not [p for p in out.rglob("*.tmp")]
+    assert (out / "_commits" / f"{demo_shards[0].stem}.json").is_file()  # what was done is kept

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from jobs.dataset.layout import COMMITS_DIR, LATENTS_DIR, META_DIR, TMP_SUFFIX
+from jobs.dataset.layout import DATA_DIRS, TMP_SUFFIX, is_temporary
 
 
 def temp_path(final: Path) -> Path:
@@ -56,10 +56,11 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def remove_temporaries(root: str | Path) -> int:
     """Deletes leftovers of interrupted writes; returns how many were removed."""
     removed = 0
-    for sub in (LATENTS_DIR, META_DIR, COMMITS_DIR, ""):
+    for sub in (*DATA_DIRS, ""):
         base = Path(root) / sub
         pattern = f".*{TMP_SUFFIX}"
         for tmp in base.rglob(pattern) if sub else base.glob(pattern):
-            tmp.unlink(missing_ok=True)
-            removed += 1
+            if is_temporary(tmp) and tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed += 1
     return removed

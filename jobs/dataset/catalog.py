@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.dataset.atomic import write_json_atomic
-from jobs.dataset.layout import JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles
+from jobs.dataset.layout import COMMITS_DIR, DATA_DIRS, JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles, is_temporary
 from vae.checkpoint import file_sha256
 
 # What the manifest keeps of each commit marker (the rest, time and host, is the marker's own).
@@ -88,9 +88,21 @@ def existing_job(root: Path) -> JobRecord | None:
     """
     if (root / JOB_FILE).exists():
         return read_job(root)
-    if root.exists() and {p.name for p in root.iterdir()} - {LOCK_FILE}:
+    if root.exists() and not _only_leftovers(root):
         raise DatasetError(f"{root} is not empty and is not a latent dataset (no {JOB_FILE})")
     return None
+
+
+def _only_leftovers(root: Path) -> bool:
+    """Whether `root` holds nothing but what a job killed before writing `job.json` leaves: its lock,
+    temporaries, and data folders holding only temporaries (such a directory is a fresh one)."""
+    for path in root.iterdir():
+        if path.name == LOCK_FILE or is_temporary(path):
+            continue
+        if path.is_dir() and path.name in DATA_DIRS and all(p.is_dir() or is_temporary(p) for p in path.rglob("*")):
+            continue
+        return False
+    return True
 
 
 def read_commit(root: str | Path, name: str, verify: bool = False) -> dict[str, Any] | None:
@@ -124,20 +136,28 @@ def committed(
     return marker
 
 
-def write_manifest(root: Path, fingerprint: str, markers: list[dict[str, Any]]) -> None:
-    """Writes `manifest.json`: every committed shard and the totals (the job is done)."""
-    shards = [{k: m[k] for k in MANIFEST_FIELDS} for m in markers]
-    write_json_atomic(
-        root / MANIFEST_FILE,
-        {
-            "fingerprint": fingerprint,
-            "shards": shards,
-            "samples": sum(s["samples"] for s in shards),
-            "ok": sum(s["ok"] for s in shards),
-            "errors": sum(s["errors"] for s in shards),
-            "frames": sum(s["frames"] for s in shards),
-        },
-    )
+def committed_markers(root: str | Path, fingerprint: str) -> list[dict[str, Any]]:
+    """The markers of every shard of the directory committed with `fingerprint`, by name."""
+    base = Path(root) / COMMITS_DIR
+    names = sorted(str(p.relative_to(base).with_suffix("")) for p in base.rglob("*.json") if not is_temporary(p))
+    markers = [read_commit(root, name) for name in names]
+    return [m for m in markers if m is not None and m.get("fingerprint") == fingerprint]
+
+
+def write_manifest(root: Path, fingerprint: str) -> dict[str, Any]:
+    """Writes `manifest.json`: every shard of the directory committed with `fingerprint`, and the
+    totals, whichever run committed it (a rerun with other inputs adds to the same dataset)."""
+    shards = [{k: m[k] for k in MANIFEST_FIELDS} for m in committed_markers(root, fingerprint)]
+    manifest = {
+        "fingerprint": fingerprint,
+        "shards": shards,
+        "samples": sum(s["samples"] for s in shards),
+        "ok": sum(s["ok"] for s in shards),
+        "errors": sum(s["errors"] for s in shards),
+        "frames": sum(s["frames"] for s in shards),
+    }
+    write_json_atomic(root / MANIFEST_FILE, manifest)
+    return manifest
 
 
 @contextmanager

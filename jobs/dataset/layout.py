@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -22,6 +23,14 @@ JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"  # hidden temporaries: `.<final name>.<random>.tmp` beside the final file
+DATA_DIRS = (LATENTS_DIR, META_DIR, COMMITS_DIR)
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is the temporary of a write (`jobs.dataset.atomic.temp_path` names them)."""
+    return _TEMPORARY.match(path.name) is not None
+
 
 # Key of the rows that record shard-level read problems (a truncated tar, a missing file); their
 # `index` is negative, so they sort after the samples.

@@ -78,8 +78,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     pool.shutdown()
             remove_temporaries(plan.root)
             if summary.complete:
-                markers = [m for m in (_committed(plan, s) for s in plan.shards) if m is not None]
-                write_manifest(plan.root, plan.fingerprint, markers)
+                write_manifest(plan.root, plan.fingerprint)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -102,13 +101,14 @@ def prepare_output(plan: Plan) -> None:
     removed = remove_temporaries(plan.root)
     if removed:
         log.warning("removed %d temporary files left by an interrupted run", removed)
+    earlier = previous.inputs if previous is not None else []  # a rerun with other inputs adds to the dataset
     write_job(
         plan.root,
         JobRecord(
             fingerprint=plan.fingerprint,
             settings=plan.settings,
             config=dataclasses.asdict(plan.config),
-            inputs=[s.source for s in plan.shards],
+            inputs=list(dict.fromkeys([*earlier, *(s.source for s in plan.shards)])),
             command=sys.argv,
         ),
     )
