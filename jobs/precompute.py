@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from jobs.orchestration.config import JobConfig, UsageError, load_config
+from jobs.orchestration.config import JobConfig, RunFailed, UsageError, load_config
 from jobs.orchestration.driver import run
 from vae import CheckpointError, list_presets
 from vae.diffusers_folder import SUPPORTED_CLASSES
@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError) as e:  # found while checking the settings: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:  # the run could not go on, for a reason one line says
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -22,8 +22,9 @@ from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes, write_shard
 from jobs.inputs.tar_samples import read_shard
 from jobs.inputs.video import read_clip
-from jobs.orchestration.config import TilingSection, UsageError, apply_override
+from jobs.orchestration.config import RunFailed, TilingSection, UsageError, apply_override
 from jobs.orchestration.driver import prepare_output, run
+from jobs.orchestration.pool import EncoderPool
 from jobs.orchestration.settings import check_config, make_plan
 from jobs.orchestration.worker import sample_seed
 from jobs.precompute import main
@@ -403,3 +404,29 @@ def test_a_manifest_that_cannot_be_written_fails_the_run_and_leaves_no_temporary
         main(argv)
     assert not [p for p in out.rglob("*.tmp")]
     assert (out / "_commits" / f"{demo_shards[0].stem}.json").is_file()  # what was done is kept
+
+
+def test_more_workers_than_the_cluster_places_start_what_fits(ray_cluster, demo_shards, tmp_path, capsys):
+    summary = run(small_config(demo_shards[:2], tmp_path / "o", run={"workers": 4}))  # the cluster has 2 CPUs
+    assert summary.complete and summary.shards_written == 2
+    assert "4 workers asked for, but the cluster (2 CPUs) places 2 of 1 CPUs each" in capsys.readouterr().err
+
+
+def test_no_placeable_worker_or_a_bad_seed_is_one_line(ray_cluster, demo_shards, tmp_path, capsys):
+    argv = ["--input", str(demo_shards[0]), "--output", str(tmp_path / "o"), "--set", "video.num_frames=8"]
+    assert main([*argv, "--set", "run.cpus_per_worker=64"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        err[-1]
+        == "error: no encoder actor can be placed: each needs 64 CPUs, the cluster has 2 CPUs (run.cpus_per_worker)"
+    )
+    assert main([*argv, "--set", "vae.seed=18446744073709551616"]) == 2
+    assert capsys.readouterr().err.strip() == "error: vae.seed must be in [0, 2**63); got 18446744073709551616"
+
+
+def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_shards, tmp_path):
+    config = small_config(demo_shards[:1], tmp_path / "o")
+    plan = make_plan(config, check_config(config), has_gpus=False)
+    plan.config.vae.seed = 2**64  # past the check: the real constructor fails (torch cannot seed with it)
+    with pytest.raises(RunFailed, match=r"^no encoder actor could start: .*(Overflow|RuntimeError)"):
+        EncoderPool(plan, 1, 0)

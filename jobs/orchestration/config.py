@@ -31,6 +31,10 @@ class UsageError(ValueError):
     """Arguments or settings that no run could use: exit status 2, with a one-line message."""
 
 
+class RunFailed(RuntimeError):
+    """The run cannot go on, for a reason one line says (no encoder actor could start): exit status 1."""
+
+
 @dataclass
 class TilingSection:
     # auto: untiled when the clip fits the memory budget, else exact temporal chunks, else tiles;
@@ -74,6 +78,7 @@ class RunConfig:
     batch_size: int = 4  # clips per encoder call
     decode_threads: int = 2  # decoding threads per actor, overlapping with encoding
     max_attempts: int = 3  # tries per shard when a worker dies or raises
+    actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
 
 
 @dataclass
@@ -107,6 +112,10 @@ class JobConfig:
                 raise UsageError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
             raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+        if self.run.actor_start_timeout <= 0:
+            raise UsageError(f"run.actor_start_timeout must be positive seconds; got {self.run.actor_start_timeout}")
+        if not 0 <= self.vae.seed < 2**63:  # torch seeds its generators with a 64-bit integer
+            raise UsageError(f"vae.seed must be in [0, 2**63); got {self.vae.seed}")
         t = self.vae.tiling
         if t.memory_budget_gb is not None and t.memory_budget_gb <= 0:
             raise UsageError(f"vae.tiling.memory_budget_gb must be positive; got {t.memory_budget_gb}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections import Counter, deque
 from typing import Any
@@ -17,6 +18,7 @@ import ray
 import ray.exceptions
 
 from jobs.inputs.shards import Shard
+from jobs.orchestration.config import RunFailed
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan
 from jobs.orchestration.worker import Progress, ShardDone, ShardEncoder
@@ -56,9 +58,27 @@ class EncoderPool:
         self._remote = ray.remote(ShardEncoder).options(**options)
         self._args = (plan.config, str(plan.root), plan.constants, plan.allow_shell)
         self.replacements_left = count * run.max_attempts
-        self.actors = [self._remote.remote(*self._args) for _ in range(count)]
-        devices = ray.get([a.ready.remote() for a in self.actors])
-        log.info("%d encoder actors ready on %s", count, ", ".join(sorted(set(devices))))
+        # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
+        # placed would otherwise keep the job waiting forever).
+        waiting = {actor.ready.remote(): actor for actor in (self._remote.remote(*self._args) for _ in range(count))}
+        ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=run.actor_start_timeout)
+        self.actors, devices, failures = [], [], []
+        for ref in ready:
+            try:
+                devices.append(ray.get(ref))
+                self.actors.append(waiting[ref])
+            except ray.exceptions.RayError as e:  # its constructor raised (a model that cannot load, ...)
+                failures.append(creation_error(e))
+                ray.kill(waiting[ref], no_restart=True)
+        for ref in late:
+            ray.kill(waiting[ref], no_restart=True)
+        if late:
+            failures.append(f"{len(late)} not started within run.actor_start_timeout = {run.actor_start_timeout:g} s")
+        if not self.actors:
+            raise RunFailed(f"no encoder actor could start: {failures[0]}")
+        if failures:
+            print(f"started {len(self.actors)} of {count} encoder actors; the others: {failures[0]}", file=sys.stderr)
+        log.info("%d encoder actors ready on %s", len(self.actors), ", ".join(sorted(set(devices))))
 
     def replace(self, actor: Any) -> Any | None:
         """Kills a failed actor and returns a new one (None once replacements are used up)."""
@@ -77,14 +97,34 @@ class EncoderPool:
 
 
 def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
-    gpus = int(resources.get("GPU", 0))
-    if plan.config.run.workers:
-        n = plan.config.run.workers
-    elif gpus:
-        n = gpus
-    else:
-        n = max(1, int(resources.get("CPU", 1)) // plan.config.run.cpus_per_worker)
-    return max(1, min(n, pending))
+    """How many encoder actors to start: as asked (default one per GPU, else per `cpus_per_worker`
+    CPUs), but no more than the cluster can place and than there are shards.
+
+    Raises:
+        RunFailed: The cluster cannot place a single actor.
+    """
+    run = plan.config.run
+    cpus, gpus = resources.get("CPU", 0), int(resources.get("GPU", 0))
+    fits = int(cpus // run.cpus_per_worker)
+    if gpus:
+        fits = min(fits, gpus)
+    needs = f"{run.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "")
+    has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+    if fits < 1:
+        raise RunFailed(
+            f"no encoder actor can be placed: each needs {needs}, the cluster has {has} (run.cpus_per_worker)"
+        )
+    wanted = run.workers or gpus or fits
+    if wanted > fits:
+        print(f"{wanted} workers asked for, but the cluster ({has}) places {fits} of {needs} each", file=sys.stderr)
+    return max(1, min(wanted, fits, pending))
+
+
+def creation_error(e: BaseException) -> str:
+    """The reason an actor's constructor failed: the last line of Ray's remote traceback."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
+    lines = [line for line in lines if line]
+    return (lines[-1] if lines else describe_error(e))[:300]
 
 
 def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
