@@ -27,9 +27,11 @@ reason; 1 on any other failure, with its traceback.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -192,9 +194,20 @@ def read_sources(
     return videos
 
 
+MAX_STEM = 120  # bytes: `<stem>.mp4` / `<stem>.png` stay far below the 255 of most filesystems
+
+
 def stem_for(key: str, used: set[str]) -> str:
-    """A file name for a key: path separators flattened, made unique among `used`."""
+    """A file name for a key: path separators flattened, made unique among `used`.
+
+    A key that is long or holds characters unfit for a file name (control characters, a leading
+    dot) is shortened and given a hash of the key, so the name stays traceable to its row.
+    """
     base = key.replace("/", "__") or "sample"
+    if len(base.encode()) > MAX_STEM or base.startswith(".") or re.search(r"[\x00-\x1f\x7f\\]", base):
+        digest = hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:12]
+        clean = re.sub(r"[\x00-\x1f\x7f\\]", "_", base).lstrip(".") or "sample"
+        base = f"{clean.encode()[: MAX_STEM - 13].decode('utf-8', 'ignore')}~{digest}"
     stem, n = base, 1
     while stem in used:
         n += 1

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from jobs import precompute, reconstruct
 from jobs.dataset.reader import load_sample, read_metadata
-from jobs.demo_data import write_demo_dataset
+from jobs.demo_data import demo_sample, write_demo_dataset, write_shard
 from jobs.inputs.tar_samples import read_shard, split_sample
 from jobs.inputs.video import read_clip
 from jobs.orchestration.config import JobConfig, RunConfig, VAEConfig, VideoConfig
@@ -163,3 +163,23 @@ def test_a_source_in_the_metadata_never_runs_a_command(random_job, tmp_path, cap
     assert not ran.exists()
     assert reconstruct.main([*args, "--allow-shell"]) == 0  # the user's own choice
     assert ran.exists()
+
+
+def test_a_long_key_gets_a_bounded_traceable_file_name(tmp_path):
+    key = "dir/" + "k" * 300
+    write_shard(tmp_path / "data" / "s.tar", [(key, demo_sample(0, 0)), ("short", demo_sample(0, 1))])
+    config = JobConfig(
+        input=[str(tmp_path / "data" / "s.tar")],
+        output=str(tmp_path / "latents"),
+        vae=VAEConfig(name="flux-ae-tiny"),
+        video=VideoConfig(num_frames=2, height=32, width=32),
+        run=RunConfig(batch_size=2, decode_threads=1),
+    )
+    encode_in_process(config)
+    out = tmp_path / "report"
+    assert reconstruct.main(["--latents", str(tmp_path / "latents"), "--output", str(out), "--limit", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s["key"] for s in report["samples"]] == [key, "short"]
+    video = Path(report["samples"][0]["video"]).name
+    assert len(video.encode()) < 140 and video.startswith("dir__kkk") and "~" in video
+    assert (out / report["samples"][0]["video"]).is_file() and (out / report["samples"][0]["preview"]).is_file()

@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 
+from jobs.demo_data import write_shard
 from jobs.inputs.shards import ShellRefused, count_samples, list_shards, sample_key
 
 
@@ -84,3 +85,13 @@ def test_count_samples(tmp_path):
     data = path.read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: 512 * 5])  # truncated: counts what is readable
     assert 1 <= count_samples(tmp_path / "cut.tar") <= 3
+
+
+def test_a_folder_named_like_a_tar_is_not_a_shard_and_names_never_clash_with_folders(tmp_path):
+    write_shard(tmp_path / "a" / "x.tar" / "y.tar", [("k", {"mp4": b"1"})])  # a folder named x.tar
+    write_shard(tmp_path / "b" / "x.tar", [("k", {"mp4": b"1"})])
+    assert [s.name for s in list_shards([str(tmp_path / "a")])] == ["x.tar/y"]
+    with pytest.raises(ValueError, match="matches no file"):  # a glob takes files only too
+        list_shards([str(tmp_path / "a" / "*.tar")])
+    with pytest.raises(ValueError, match=r"the output of the first, 'x.tar', is a folder of the second's"):
+        list_shards([str(tmp_path / "a"), str(tmp_path / "b" / "*.tar")])

@@ -63,8 +63,8 @@ class LocalStorage:
 
     def list(self, spec: str) -> list[Shard]:
         root = _fixed_root(spec)
-        if os.path.isdir(spec):
-            paths = sorted(glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True))
+        if os.path.isdir(spec):  # files only: a folder named `x.tar` is a folder
+            paths = sorted(p for p in glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True) if os.path.isfile(p))
             if not paths:
                 raise ValueError(f"no .tar files under directory {spec}")
             root = spec
@@ -72,7 +72,7 @@ class LocalStorage:
             paths = []
             for item in braceexpand(spec):
                 if _PATTERN_CHARS.search(item):
-                    matches = sorted(glob.glob(item, recursive=True))
+                    matches = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
                     if not matches:
                         raise ValueError(f"input pattern {item} matches no file")
                     paths.extend(matches)
@@ -169,6 +169,16 @@ def list_shards(specs: list[str], allow_shell: bool = False) -> list[Shard]:
         other = by_name.setdefault(shard.name, shard.source)
         if other != shard.source:
             raise ValueError(f"input shards {other} and {shard.source} would both be written as '{shard.name}'")
+    # An output file (`<name>.tar`, `.parquet`, `.json`) must not be the folder of another's name.
+    folders = {name.rsplit("/", i)[0]: name for name in by_name for i in range(1, name.count("/") + 1)}
+    for name, source in by_name.items():
+        for suffix in (".tar", ".parquet", ".json"):
+            if name + suffix in folders:
+                clash = by_name[folders[name + suffix]]
+                raise ValueError(
+                    f"input shards {source} and {clash} cannot both be written: the output of the first, "
+                    f"'{name}{suffix}', is a folder of the second's"
+                )
     return list(shards.values())
 
 
