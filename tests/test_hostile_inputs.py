@@ -58,7 +58,7 @@ def test_members_webdataset_would_drop_are_rows(job):
         ("bad\\xff", "ok"),
         ("twice", "error"),
         ("ok-1", "ok"),
-        ("link.mp4", "error"),
+        ("link", "error"),
     ]
     assert "duplicate member" in rows[4]["error"] and "not a regular file" in rows[6]["error"]
 
@@ -83,3 +83,9 @@ def test_member_names_of_the_latent_tar_stay_inside_it(job):
     with tarfile.open(out / rows[0]["shard"]) as tar:
         names = tar.getnames()
     assert all(not n.startswith("/") and ".." not in n.split("/") for n in names), names
+
+
+def test_bytes_that_are_not_an_allowed_container_never_reach_ffmpegs_probing(job):
+    rows = job[2]["demuxer-tricks"]
+    assert _status(rows) == [("ok-0", "ok"), ("concat", "error"), ("sdp", "error"), ("ok-1", "ok")]
+    assert all("not a supported container" in r["error"] for r in rows[1:3])

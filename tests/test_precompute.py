@@ -430,3 +430,15 @@ def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_sha
     plan.config.vae.seed = 2**64  # past the check: the real constructor fails (torch cannot seed with it)
     with pytest.raises(RunFailed, match=r"^no encoder actor could start: .*(Overflow|RuntimeError)"):
         EncoderPool(plan, 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"),
+    [("limits.max_pixels=1000", "over limits.max_pixels = 1000"), ("limits.max_member_bytes=5000", "over the limit")],
+)
+def test_samples_over_a_limit_are_error_rows_naming_it(ray_cluster, demo_shards, tmp_path, limit, reason):
+    config = small_config(demo_shards[:1], tmp_path / "o")
+    apply_override(config, limit)
+    summary = run(config)
+    rows = read_metadata(tmp_path / "o").to_pylist()
+    assert summary.complete and len(rows) == 4 and all(r["status"] == "error" and reason in r["error"] for r in rows)

@@ -100,11 +100,11 @@ def test_every_member_ends_up_in_a_sample(tmp_path):
     samples, damage = _read(path)
     assert damage == []
     problems = {s.key: s.problem for s in samples}
-    assert list(problems) == ["ok-0", ".hidden.mp4", "README", "bad\\xff", "twice", "ok-1", "link.mp4"]
+    assert list(problems) == ["ok-0", ".hidden.mp4", "README", "bad\\xff", "twice", "ok-1", "link"]
     assert problems["ok-0"] is None and problems["ok-1"] is None and problems["bad\\xff"] is None
     assert "has no sample key" in problems[".hidden.mp4"] and "has no sample key" in problems["README"]
     assert "duplicate member twice.mp4" in problems["twice"]
-    assert "not a regular file" in problems["link.mp4"]
+    assert "link.mp4: not a regular file" in problems["link"]
     assert [s.index for s in samples] == list(range(7))
 
 
@@ -113,8 +113,8 @@ def test_members_over_the_size_limit_are_not_read(tmp_path):
     write_shard(path, [("small", {"mp4": b"x" * 10}), ("big", {"mp4": b"x" * 5000, "txt": b"t"})])
     samples, damage = _read(path, max_member_bytes=1000)
     assert [(s.key, s.problem) for s in samples][0] == ("small", None)
-    assert samples[1].key == "big.mp4" and "5000 bytes is over the limit of 1000" in samples[1].problem
-    assert samples[2].key == "big" and samples[2].files == {"txt": b"t"}
+    assert samples[1].key == "big" and samples[1].files == {"txt": b"t"}
+    assert samples[1].problem == "big.mp4: member of 5000 bytes is over the limit of 1000" and len(samples) == 2
 
 
 def test_a_stream_that_fails_is_not_damage_but_a_failed_read(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import av
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from jobs.demo_data import synth_video, video_file_bytes
-from jobs.inputs.video import VideoError, read_clip, resize_crop
+from jobs.inputs.video import VideoError, container_format, read_clip, resize_crop
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +89,36 @@ def test_other_containers(frames):
     data = video_file_bytes(frames, fps=25, codec="mpeg4", container="avi")
     clip = read_clip(data, num_frames=5, height=48, width=48)
     assert clip.pixels.shape == (3, 5, 48, 48) and clip.info.codec == "mpeg4"
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("concat script", b"ffconcat version 1.0\nfile secret.mp4\n"),  # would decode a local file
+        ("SDP", b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 5004 RTP/AVP 96\n"),
+        ("HLS playlist", b"#EXTM3U\n#EXTINF:1,\nsecret.ts\n"),
+        ("PNG", b"\x89PNG\r\n\x1a\n" + bytes(64)),
+    ],
+)
+def test_only_allowed_containers_are_opened(tmp_path, monkeypatch, frames, name, data):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "secret.mp4").write_bytes(video_file_bytes(frames, fps=24))
+    started = time.monotonic()
+    with pytest.raises(VideoError, match=r"not a supported container \(mp4/mov/m4v, mkv/webm, avi\)"):
+        read_clip(data, num_frames=2, height=32, width=32)
+    assert time.monotonic() - started < 1.0  # no socket was opened and waited on
+
+
+def test_every_allowed_container_is_recognised_by_its_bytes(frames):
+    assert container_format(video_file_bytes(frames, fps=24)) == "mov"
+    assert container_format(video_file_bytes(frames, fps=24, codec="libvpx-vp9", container="webm")) == "matroska"
+    assert container_format(video_file_bytes(frames, fps=25, codec="mpeg4", container="avi")) == "avi"
+
+
+def test_frames_over_the_pixel_limit_and_slow_decodes_are_refused(frames):
+    data = video_file_bytes(frames, fps=24)
+    with pytest.raises(VideoError, match=r"frames of 96x64 are over limits.max_pixels = 6000"):
+        read_clip(data, num_frames=4, height=32, width=32, max_pixels=6000)
+    assert read_clip(data, num_frames=4, height=32, width=32, max_pixels=96 * 64).pixels.shape[1] == 4
+    with pytest.raises(VideoError, match=r"decoding took over 1e-09 s \(1 frames; limits.decode_timeout_s\)"):
+        read_clip(data, num_frames=20, height=32, width=32, timeout=1e-9)

@@ -222,19 +222,19 @@ def group_samples(members: Iterator[Member]) -> Iterator[RawSample]:
     """The third stage: consecutive members of one key form a sample (webdataset's rule).
 
     A member whose name has no key (no dot, or a name starting with a dot) is a sample of its
-    own with a problem; so is a member that cannot be read. A second member with the same suffix
-    makes its sample unusable (which of the two is meant?).
+    own, with a problem. A member that cannot be used (over the size limit, not a regular file)
+    or a second member with the same suffix (which of the two is meant?) makes its sample unusable.
     """
     current: RawSample | None = None
     index = 0
     for member in members:
         match = _KEY_AND_SUFFIX.match(member.name)
-        if match is None or member.problem is not None:
+        if match is None:
             if current is not None:
                 yield current
                 current = None
-            problem = member.problem or "member name has no sample key (webdataset keys are the name up to a dot)"
-            yield RawSample(member.name, index, {}, f"{member.name}: {problem}", [member.name])
+            problem = f"{member.name}: member name has no sample key (webdataset keys are the name up to a dot)"
+            yield RawSample(member.name, index, {}, problem, [member.name])
             index += 1
             continue
         key, suffix = match.group(1), match.group(2).lower()
@@ -244,7 +244,9 @@ def group_samples(members: Iterator[Member]) -> Iterator[RawSample]:
             current = RawSample(key, index, {})
             index += 1
         current.members.append(member.name)
-        if suffix in current.files:
+        if member.problem is not None:
+            current.problem = current.problem or f"{member.name}: {member.problem}"
+        elif suffix in current.files:
             current.problem = current.problem or f"duplicate member {member.name} (two .{suffix} in one sample)"
         else:
             assert member.data is not None

@@ -9,6 +9,7 @@ mapped to [-1, 1] with mean 0.5 and std 0.5: the same numbers the trainer would 
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 
 import av
@@ -41,7 +42,34 @@ class Clip:
     info: VideoInfo
 
 
-def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: int = 0) -> Clip:
+# The containers the job decodes, recognised by their first bytes. FFmpeg's own probing is never
+# used: it also takes playlists, concat scripts and SDP files, which open other files or sockets.
+CONTAINERS = {"mov": "mp4/mov/m4v", "matroska": "mkv/webm", "avi": "avi"}
+_MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+# The mov demuxer can follow "data references" to other files; they stay off.
+_DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
+
+
+def container_format(data: bytes) -> str | None:
+    """FFmpeg's demuxer for a supported container, from the file's magic bytes; None otherwise."""
+    if data[4:8] in _MOV_BOXES:
+        return "mov"
+    if data[:4] == b"\x1a\x45\xdf\xa3":  # EBML
+        return "matroska"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    return None
+
+
+def read_clip(
+    data: bytes,
+    num_frames: int,
+    height: int,
+    width: int,
+    threads: int = 0,
+    max_pixels: int | None = None,
+    timeout: float | None = None,
+) -> Clip:
     """Decodes the first `num_frames` frames of an encoded video and resizes/crops them.
 
     Args:
@@ -51,13 +79,22 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: in
         width: Output width.
         threads: FFmpeg decoding threads (0 = FFmpeg's choice, one per core: too many when
             several actors share a node).
+        max_pixels: Frames of more pixels (W * H) are refused before any is decoded.
+        timeout: Seconds the decoding may take, checked after every frame.
 
     Raises:
-        VideoError: The bytes are not a decodable video, it has no video stream, or it has
-            fewer than `num_frames` frames.
+        VideoError: Not a supported container, no video stream, frames over `max_pixels`,
+            undecodable, slower than `timeout`, or fewer than `num_frames` frames.
     """
+    started = time.monotonic()
+    fmt = container_format(data)
+    if fmt is None:
+        raise VideoError(
+            f"cannot open video ({len(data)} bytes): not a supported container "
+            f"({', '.join(CONTAINERS.values())}); it starts with {data[:12]!r}"
+        )
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(io.BytesIO(data), mode="r", format=fmt, options=_DEMUXER_OPTIONS.get(fmt, {}))
     except (av.FFmpegError, ValueError, IndexError) as e:
         raise VideoError(f"cannot open video ({len(data)} bytes): {describe_error(e)}") from e
     with container:
@@ -68,13 +105,21 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: in
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         info = _info(container, stream)
+        _check_pixels(info.width, info.height, max_pixels)
         frames: list[Tensor] = []
         try:
             for frame in container.decode(stream):
+                _check_pixels(frame.width, frame.height, max_pixels)
                 rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
                 frames.append(resize_crop(rgb.permute(2, 0, 1)[None], height, width)[0])
                 if len(frames) == num_frames:
                     break
+                if timeout is not None and time.monotonic() - started > timeout:
+                    raise VideoError(
+                        f"decoding took over {timeout:g} s ({len(frames)} frames; limits.decode_timeout_s)"
+                    )
+        except VideoError:
+            raise
         except (av.FFmpegError, ValueError) as e:
             raise VideoError(f"decoding failed after {len(frames)} frames: {describe_error(e)}") from e
     if len(frames) < num_frames:
@@ -86,6 +131,11 @@ def read_clip(data: bytes, num_frames: int, height: int, width: int, threads: in
         raise VideoError(f"too short: decoded {len(frames)} frames{claimed}, need {num_frames}")
     pixels = torch.stack(frames, dim=1)  # C T H W
     return Clip(pixels=pixels.mul_(2.0).sub_(1.0), info=info)
+
+
+def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoError(f"frames of {width}x{height} are over limits.max_pixels = {max_pixels}")
 
 
 def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:

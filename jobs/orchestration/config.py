@@ -71,6 +71,17 @@ class LatentConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What one sample may cost. A sample over a limit is an error row naming it; the limits decide
+    which samples are refused, never the bytes of a latent, so they are not in the fingerprint."""
+
+    max_member_bytes: int = 2 * 2**30  # a tar member larger than this is not read (2 GiB)
+    max_pixels: int = 8192 * 8192  # frames with more pixels (W * H) are refused before decoding
+    decode_timeout_s: float = 300.0  # decoding one sample may take this long
+    window_bytes: int = 2 * 2**30  # input bytes and clips an actor holds while decoding ahead of the model
+
+
+@dataclass
 class RunConfig:
     address: str | None = None  # Ray cluster to join; None = RAY_ADDRESS, else an embedded one
     workers: int = 0  # encoder actors; 0 = one per GPU (or per `cpus_per_worker` CPUs)
@@ -88,6 +99,7 @@ class JobConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     latents: LatentConfig = field(default_factory=LatentConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> None:
@@ -112,6 +124,9 @@ class JobConfig:
                 raise UsageError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
             raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+        for name in ("max_member_bytes", "max_pixels", "decode_timeout_s", "window_bytes"):
+            if getattr(self.limits, name) <= 0:
+                raise UsageError(f"limits.{name} must be positive; got {getattr(self.limits, name)}")
         if self.run.actor_start_timeout <= 0:
             raise UsageError(f"run.actor_start_timeout must be positive seconds; got {self.run.actor_start_timeout}")
         if not 0 <= self.vae.seed < 2**63:  # torch seeds its generators with a 64-bit integer

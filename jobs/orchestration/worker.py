@@ -112,10 +112,13 @@ class ShardEncoder:
 
     def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
         damage: list[str] = []
-        window: deque[Future[_Decoded]] = deque()
+        window: deque[tuple[Future[_Decoded], int]] = deque()  # samples being decoded, and their bytes
+        held = 0  # bytes the window holds: the input members, and the clips they decode to
         batch: list[_Decoded] = []
         seen: dict[str, int] = {}
         depth = self.config.run.batch_size + 2 * self.config.run.decode_threads
+        v, limits = self.config.video, self.config.limits
+        clip_bytes = 3 * v.num_frames * v.height * v.width * 4  # float32
 
         def finish(item: _Decoded) -> Iterator[Progress]:
             if item.error is not None:
@@ -126,17 +129,23 @@ class ShardEncoder:
             if len(batch) == self.config.run.batch_size:
                 yield self._flush(batch, writer)
 
-        for raw in read_shard(shard.source, damage.append, allow_shell=self.allow_shell):
+        samples = read_shard(shard.source, damage.append, limits.max_member_bytes, allow_shell=self.allow_shell)
+        for raw in samples:
             if raw.key in seen:
                 reason = f"duplicate key (first at index {seen[raw.key]} of this shard)"
-                window.append(_done(_Decoded(raw, {}, error=reason)))
+                window.append((_done(_Decoded(raw, {}, error=reason)), 0))
             else:
                 seen[raw.key] = raw.index
-                window.append(self.pool.submit(self._decode, raw))
-            while len(window) > depth or (window and window[0].done()):
-                yield from finish(window.popleft().result())
+                size = sum(len(b) for b in raw.files.values()) + clip_bytes
+                window.append((self.pool.submit(self._decode, raw), size))
+                held += size
+            # Bounded in samples and in bytes (a sample over the byte budget is decoded alone).
+            while len(window) > depth or held > limits.window_bytes or (window and window[0][0].done()):
+                future, size = window.popleft()
+                held -= size
+                yield from finish(future.result())
         while window:
-            yield from finish(window.popleft().result())
+            yield from finish(window.popleft()[0].result())
         if batch:
             yield self._flush(batch, writer)
         for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
@@ -158,7 +167,16 @@ class ShardEncoder:
         if parts.problem is not None or parts.video is None:
             return _Decoded(raw, fields, error=parts.problem)
         try:
-            clip = read_clip(parts.video, v.num_frames, v.height, v.width, threads=self.ffmpeg_threads)
+            limits = self.config.limits
+            clip = read_clip(
+                parts.video,
+                v.num_frames,
+                v.height,
+                v.width,
+                threads=self.ffmpeg_threads,
+                max_pixels=limits.max_pixels,
+                timeout=limits.decode_timeout_s,
+            )
         except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
         info = clip.info
