@@ -176,6 +176,8 @@ FINGERPRINTED = [
     "video.extensions=[mp4]",
     "latents.dtype=bfloat16",
     "latents.store_posterior=true",
+    "run.batch_size=3",
+    "run.cpus_per_worker=2",
 ]
 NOT_FINGERPRINTED = ["run.workers=2", "run.max_attempts=1", "run.decode_threads=1", "run.address=127.0.0.1:6379"]
 

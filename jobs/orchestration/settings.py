@@ -1,7 +1,8 @@
 """From a config to a plan: checks that need no cluster, then the settings, fingerprint and constants.
 
 The settings are everything that determines the output bytes (the VAE and its weights' sha256,
-dtypes, sampling, tiling, frames and size, the format version); their fingerprint goes into
+dtypes, sampling, tiling, frames and size, the device kind, batch size and CPU threads, the format
+version); their fingerprint goes into
 `job.json`, every commit marker and every Parquet row, so a rerun with other settings is refused
 instead of mixing latents. This module is the one that knows the settings' layout.
 """
@@ -108,6 +109,14 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
         "tiling": dataclasses.asdict(config.vae.tiling),
         "video": dataclasses.asdict(config.video),
         "latents": dataclasses.asdict(config.latents),
+        # How the numbers are computed changes their last bits (about 1e-6): the device kind, the clips
+        # per encoder call and, on CPU, the threads of each actor. (So may another GPU model or another
+        # PyTorch; those are not pinned, or no cluster could mix them.)
+        "compute": {
+            "device": "cuda" if has_gpus else "cpu",
+            "batch_size": config.run.batch_size,
+            "cpu_threads": None if has_gpus else config.run.cpus_per_worker,
+        },
     }
     settings = json.loads(json.dumps(settings))  # as job.json will hold it (tuples -> lists)
     fp = fingerprint(settings)
