@@ -94,3 +94,9 @@ def test_a_bare_off_is_the_choice_not_a_boolean(tmp_path):
     assert load_config(None, ["vae.tiling.mode=off"]).vae.tiling.mode == "off"
     with pytest.raises(UsageError, match="vae.tiling.causal_norm: expected a string, got True"):
         load_config(None, ["vae.tiling.causal_norm=yes"])
+
+
+def test_a_number_in_exponent_form_is_a_number():
+    assert load_config(None, ["limits.decode_timeout_s=1e-9"]).limits.decode_timeout_s == 1e-9
+    with pytest.raises(UsageError, match="expected a number"):
+        load_config(None, ["limits.decode_timeout_s=soon"])

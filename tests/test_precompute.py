@@ -436,7 +436,11 @@ def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_sha
 
 @pytest.mark.parametrize(
     ("limit", "reason"),
-    [("limits.max_pixels=1000", "over limits.max_pixels = 1000"), ("limits.max_member_bytes=5000", "over the limit")],
+    [
+        ("limits.max_pixels=1000", "over limits.max_pixels = 1000"),
+        ("limits.max_member_bytes=5000", "over the limit"),
+        ("limits.decode_timeout_s=1e-9", "decoding took over 1e-09 s"),
+    ],
 )
 def test_samples_over_a_limit_are_error_rows_naming_it(ray_cluster, demo_shards, tmp_path, limit, reason):
     config = small_config(demo_shards[:1], tmp_path / "o")

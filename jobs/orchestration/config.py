@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,7 +88,7 @@ class RunConfig:
     workers: int = 0  # encoder actors; 0 = one per GPU (or per `cpus_per_worker` CPUs)
     cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
     batch_size: int = 4  # clips per encoder call
-    decode_threads: int = 2  # decoding threads per actor, overlapping with encoding
+    decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
 
@@ -216,6 +217,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-9` (no dot) as a string
         raise UsageError(f"{path}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

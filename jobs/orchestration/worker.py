@@ -13,20 +13,23 @@ import hashlib
 import logging
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from jobs.dataset.writer import ShardWriter
+from jobs.inputs.decode_pool import ClipSpec, DecodePool
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
-from jobs.inputs.video import Clip, VideoError, read_clip
+from jobs.inputs.video import Clip, VideoError
 from jobs.orchestration.config import JobConfig
 from vae import describe_error, encode_video, get_preset, load_vae, plan_encode
 
 log = logging.getLogger(__name__)
+
+DECODE_GRACE_S = 5.0  # a hung decode is killed this long after `limits.decode_timeout_s`
 
 
 @dataclass
@@ -43,6 +46,20 @@ class ShardDone:
 
     marker: dict[str, Any]
     error_reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Pending:
+    """A sample in the decode window: split here, its clip decoding in a child process."""
+
+    raw: RawSample
+    fields: dict[str, Any]
+    clip: Future[Clip] | None = None  # None: `error` says why there is no clip to wait for
+    error: str | None = None
+    nbytes: int = 0  # what it holds while it waits
+
+    def done(self) -> bool:
+        return self.clip is None or self.clip.done()
 
 
 @dataclass
@@ -90,9 +107,18 @@ class ShardEncoder:
             self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
         )
         self.tiling = config.tiling()
-        self.pool = ThreadPoolExecutor(config.run.decode_threads, thread_name_prefix="decode")
-        # The actor's CPUs are shared by its decoding threads.
-        self.ffmpeg_threads = max(1, config.run.cpus_per_worker // config.run.decode_threads)
+        v, limits = config.video, config.limits
+        self.clip_spec = ClipSpec(
+            v.num_frames,
+            v.height,
+            v.width,
+            threads=max(1, config.run.cpus_per_worker // config.run.decode_threads),  # the actor's CPUs, shared
+            max_pixels=limits.max_pixels,
+            timeout=limits.decode_timeout_s,  # the decoder's own check, after every frame
+        )
+        # Decoding runs in child processes: one that hangs is killed a little after the decoder's
+        # own timeout would have fired, and the worker goes on.
+        self.decoder = DecodePool(config.run.decode_threads, timeout=limits.decode_timeout_s + DECODE_GRACE_S)
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
@@ -112,13 +138,12 @@ class ShardEncoder:
 
     def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
         damage: list[str] = []
-        window: deque[tuple[Future[_Decoded], int]] = deque()  # samples being decoded, and their bytes
+        window: deque[_Pending] = deque()  # samples being decoded, oldest first
         held = 0  # bytes the window holds: the input members, and the clips they decode to
         batch: list[_Decoded] = []
         seen: dict[str, int] = {}
         depth = self.config.run.batch_size + 2 * self.config.run.decode_threads
-        v, limits = self.config.video, self.config.limits
-        clip_bytes = 3 * v.num_frames * v.height * v.width * 4  # float32
+        limits = self.config.limits
 
         def finish(item: _Decoded) -> Iterator[Progress]:
             if item.error is not None:
@@ -132,53 +157,48 @@ class ShardEncoder:
         samples = read_shard(shard.source, damage.append, limits.max_member_bytes, allow_shell=self.allow_shell)
         for raw in samples:
             if raw.key in seen:
-                reason = f"duplicate key (first at index {seen[raw.key]} of this shard)"
-                window.append((_done(_Decoded(raw, {}, error=reason)), 0))
+                window.append(_Pending(raw, {}, error=f"duplicate key (first at index {seen[raw.key]} of this shard)"))
             else:
                 seen[raw.key] = raw.index
-                size = sum(len(b) for b in raw.files.values()) + clip_bytes
-                window.append((self.pool.submit(self._decode, raw), size))
-                held += size
+                window.append(self._prepare(raw))
+                held += window[-1].nbytes
             # Bounded in samples and in bytes (a sample over the byte budget is decoded alone).
-            while len(window) > depth or held > limits.window_bytes or (window and window[0][0].done()):
-                future, size = window.popleft()
-                held -= size
-                yield from finish(future.result())
+            while window and (len(window) > depth or held > limits.window_bytes or window[0].done()):
+                pending = window.popleft()
+                held -= pending.nbytes
+                yield from finish(self._resolve(pending))
         while window:
-            yield from finish(window.popleft()[0].result())
+            yield from finish(self._resolve(window.popleft()))
         if batch:
             yield self._flush(batch, writer)
         for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
             writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
             yield Progress(0, 0)
 
-    def _decode(self, raw: RawSample) -> _Decoded:
-        """Splits and decodes one sample; whatever it contains ends here as an error at worst."""
+    def _prepare(self, raw: RawSample) -> _Pending:
+        """Splits a sample and hands its video to a decoding process."""
         fields: dict[str, Any] = {}
         try:
-            return self._decode_sample(raw, fields)
+            parts = split_sample(raw, self.config.video.extensions)
+            fields.update(caption=parts.caption, meta=parts.meta)
+            if parts.problem is not None or parts.video is None:
+                return _Pending(raw, fields, error=parts.problem)
+            nbytes = sum(len(b) for b in raw.files.values()) + self.clip_spec.nbytes
+            return _Pending(raw, fields, clip=self.decoder.submit(parts.video, self.clip_spec), nbytes=nbytes)
         except Exception as e:  # the per-sample boundary: nothing a sample holds takes the shard down
-            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
+            return _Pending(raw, fields, error=f"decode failed: {describe_error(e)}")
 
-    def _decode_sample(self, raw: RawSample, fields: dict[str, Any]) -> _Decoded:
-        v = self.config.video
-        parts = split_sample(raw, v.extensions)
-        fields.update(caption=parts.caption, meta=parts.meta)
-        if parts.problem is not None or parts.video is None:
-            return _Decoded(raw, fields, error=parts.problem)
+    def _resolve(self, pending: _Pending) -> _Decoded:
+        """Waits for a sample's clip; whatever happened to it ends here as an error at worst."""
+        raw, fields = pending.raw, pending.fields
+        if pending.clip is None:
+            return _Decoded(raw, fields, error=pending.error)
         try:
-            limits = self.config.limits
-            clip = read_clip(
-                parts.video,
-                v.num_frames,
-                v.height,
-                v.width,
-                threads=self.ffmpeg_threads,
-                max_pixels=limits.max_pixels,
-                timeout=limits.decode_timeout_s,
-            )
+            clip = pending.clip.result()
         except VideoError as e:
             return _Decoded(raw, fields, error=str(e))
+        except Exception as e:
+            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
         info = clip.info
         fields.update(
             num_frames=clip.pixels.shape[1],
@@ -247,9 +267,3 @@ class ShardEncoder:
                 tensors.update(mean=posterior.mean[i], logvar=posterior.logvar[i])
             out.append({k: v.to("cpu", self.latent_dtype) for k, v in tensors.items()})
         return out
-
-
-def _done(value: _Decoded) -> Future[_Decoded]:
-    future: Future[_Decoded] = Future()
-    future.set_result(value)
-    return future
