@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     p.add_argument("--workers", type=int, help="encoder actors (default: one per GPU)")
     p.add_argument(
+        "--max-error-rate",
+        type=float,
+        metavar="R",
+        help="stop once more than this fraction of samples are error rows (run.max_error_rate, default 0.5)",
+    )
+    p.add_argument(
         "--allow-shell",
         action="store_true",
         help="let pipe: inputs run their shell commands (refused otherwise: a SPEC or a config could run anything)",
@@ -58,6 +64,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "vae.checkpoint": args.checkpoint,
         "run.address": args.address,
         "run.workers": args.workers,
+        "run.max_error_rate": args.max_error_rate,
     }
     # Named flags win over --set, which wins over the config file.
     config = load_config(args.config, overrides)

@@ -448,3 +448,19 @@ def test_samples_over_a_limit_are_error_rows_naming_it(ray_cluster, demo_shards,
     summary = run(config)
     rows = read_metadata(tmp_path / "o").to_pylist()
     assert summary.complete and len(rows) == 4 and all(r["status"] == "error" and reason in r["error"] for r in rows)
+
+
+def test_the_error_budget_stops_the_job_and_a_rerun_goes_on(ray_cluster, demo_shards, tmp_path, capsys):
+    """Every sample too short: past `run.error_rate_after` samples the job stops, what is committed stays."""
+    out = tmp_path / "out"
+    argv = ["--input", str(demo_shards[0].parent / "shard-*.tar"), "--output", str(out)]
+    argv += ["--set", "video.num_frames=200", "--set", "run.error_rate_after=4", "--max-error-rate", "0.5"]
+    assert main(argv) == 1
+    printed = capsys.readouterr().out
+    stopped = next(line for line in printed.splitlines() if "STOPPED:" in line)
+    assert "samples (100%) are error rows, more than run.max_error_rate = 0.5" in stopped
+    assert "most common: too short: decoded N frames, need N" in stopped
+    committed = len(list((out / "_commits").glob("*.json")))
+    assert 1 <= committed < 3 and not (out / "manifest.json").exists()
+    assert main([*argv[:-2], "--max-error-rate", "1"]) == 0  # the rest, once the budget allows it
+    assert f"{committed} already committed" in capsys.readouterr().out

@@ -25,6 +25,10 @@ def test_split_sample_caption_sources():
     parts = split_sample(RawSample("c", 2, {"mp4": b"v", "json": b'{"text": "t"}'}), EXTS)
     assert parts.caption == "t"
     assert split_sample(RawSample("d", 3, {"mp4": b"v"}), EXTS).caption is None
+    parts = split_sample(
+        RawSample("e", 4, {"mp4": b"v", "caption": b" from .caption\n", "json": b'{"caption": "j"}'}), EXTS
+    )
+    assert parts.caption == "from .caption" and parts.meta == '{"caption": "j"}'
 
 
 def test_split_sample_problems_keep_what_is_there():

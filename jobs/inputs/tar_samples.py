@@ -285,8 +285,11 @@ class SampleParts:
     problem: str | None = None  # why the sample cannot be encoded (its error row's reason)
 
 
+CAPTION_MEMBERS = ("txt", "caption")  # members whose text is the caption, in order of preference
+
+
 def split_sample(sample: RawSample, video_extensions: list[str]) -> SampleParts:
-    """Finds a sample's video, caption (`.txt`, else the JSON's `caption`/`text`) and metadata.
+    """Finds a sample's video, caption (`.txt` or `.caption`, else the JSON's `caption`/`text`) and metadata.
 
     Never raises: a sample without a video member, with invalid JSON (or JSON Python refuses:
     nested too deep, an integer of thousands of digits), or with a reading problem comes back
@@ -301,8 +304,9 @@ def split_sample(sample: RawSample, video_extensions: list[str]) -> SampleParts:
         except (ValueError, RecursionError) as e:
             problem = problem or f"invalid .json member: {describe_error(e)}"
     caption = None
-    if "txt" in sample.files:
-        caption = _text(sample.files["txt"]).strip()
+    text_member = next((ext for ext in CAPTION_MEMBERS if ext in sample.files), None)
+    if text_member is not None:
+        caption = _text(sample.files[text_member]).strip()
     elif isinstance(meta, dict):
         caption = _caption_from(meta)
     video = next((sample.files[ext] for ext in video_extensions if ext in sample.files), None)

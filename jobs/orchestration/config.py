@@ -91,6 +91,10 @@ class RunConfig:
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
+    # The error budget: the job stops (exit 1, committed shards kept) once more than this fraction of
+    # its samples are error rows, counted after `error_rate_after` samples. 1.0 never stops.
+    max_error_rate: float = 0.5
+    error_rate_after: int = 100
 
 
 @dataclass
@@ -128,6 +132,10 @@ class JobConfig:
         for name in ("max_member_bytes", "max_pixels", "decode_timeout_s", "window_bytes"):
             if getattr(self.limits, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive; got {getattr(self.limits, name)}")
+        if not 0 <= self.run.max_error_rate <= 1:
+            raise UsageError(f"run.max_error_rate must be in [0, 1]; got {self.run.max_error_rate}")
+        if self.run.error_rate_after < 1:
+            raise UsageError(f"run.error_rate_after must be at least 1; got {self.run.error_rate_after}")
         if self.run.actor_start_timeout <= 0:
             raise UsageError(f"run.actor_start_timeout must be positive seconds; got {self.run.actor_start_timeout}")
         if not 0 <= self.vae.seed < 2**63:  # torch seeds its generators with a 64-bit integer

@@ -18,7 +18,7 @@ import ray
 import ray.exceptions
 
 from jobs.inputs.shards import Shard
-from jobs.orchestration.config import RunFailed
+from jobs.orchestration.config import RunConfig, RunFailed
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan
 from jobs.orchestration.worker import Progress, ShardDone, ShardEncoder
@@ -176,7 +176,23 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 summary.frames += marker["frames"]
                 summary.shards_written += 1
                 summary.error_reasons += message.error_reasons
+                summary.reason_kinds.update(message.reason_kinds)
                 bar.update(shards=1)
+                if summary.stopped is None and (reason := over_budget(summary, plan.config.run)):
+                    summary.stopped = reason
+                    log.warning("stopping: %s", reason)
+                    queue.clear()  # the shards running now finish and commit; the rest wait for a rerun
         bar.update()
     for shard in queue:  # only when every actor died and none could replace it
         summary.failed[shard.name] = "no encoder actor left (each one died; see the Ray logs)"
+
+
+def over_budget(summary: Summary, run: RunConfig) -> str | None:
+    """Why the error budget is spent (more than `run.max_error_rate` of the samples failed), or None."""
+    seen = summary.ok + summary.errors
+    if seen < run.error_rate_after or summary.errors <= run.max_error_rate * seen:
+        return None
+    return (
+        f"{summary.errors} of {seen} samples ({summary.errors / seen:.0%}) are error rows, more than "
+        f"run.max_error_rate = {run.max_error_rate:g}; most common: {summary.most_common()}"
+    )

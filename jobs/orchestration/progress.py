@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -90,10 +91,15 @@ class Summary:
     shards_skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard name -> reason
     error_reasons: list[str] = field(default_factory=list)
+    reason_kinds: Counter[str] = field(default_factory=Counter)  # error rows by reason, numbers elided
+    stopped: str | None = None  # why the job stopped before every shard was done (the error budget)
 
     @property
     def complete(self) -> bool:
-        return not self.failed
+        return not self.failed and self.stopped is None
+
+    def most_common(self, n: int = 3) -> str:
+        return "; ".join(f"{kind} ({count})" for kind, count in self.reason_kinds.most_common(n))
 
     def text(self) -> str:
         rate = self.frames / self.seconds if self.seconds else 0.0
@@ -111,5 +117,8 @@ class Summary:
             lines.append(f"  FAILED shard {name}: {reason}")
         if self.failed:
             lines.append("  rerun the same command to retry the failed shards")
+        if self.stopped is not None:
+            lines.append(f"  STOPPED: {self.stopped}")
+            lines.append("  committed shards are kept: fix the cause and rerun the same command to go on")
         lines.append(f"output: {self.output}")
         return "\n".join(lines)

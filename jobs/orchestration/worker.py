@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections import deque
+import re
+from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -45,7 +46,13 @@ class ShardDone:
     """The shard is committed: its marker, and the reasons of its error rows."""
 
     marker: dict[str, Any]
-    error_reasons: list[str] = field(default_factory=list)
+    error_reasons: list[str] = field(default_factory=list)  # "key: reason"
+    reason_kinds: Counter[str] = field(default_factory=Counter)  # reasons with their numbers elided
+
+
+def reason_kind(reason: str) -> str:
+    """An error reason with its numbers elided, so that alike errors count together."""
+    return re.sub(r"\d+(\.\d+)?", "N", reason)[:100]
 
 
 @dataclass
@@ -133,8 +140,9 @@ class ShardEncoder:
         except BaseException:
             writer.abort()
             raise
-        reasons = [f"{r['key']}: {r['error']}" for r in writer.rows if r["status"] == "error"]
-        yield ShardDone(marker, reasons)
+        errors = [r for r in writer.rows if r["status"] == "error"]
+        reasons = [f"{r['key']}: {r['error']}" for r in errors]
+        yield ShardDone(marker, reasons, Counter(reason_kind(r["error"]) for r in errors))
 
     def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
         damage: list[str] = []
