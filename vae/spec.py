@@ -65,11 +65,16 @@ def decoded_frames(num_latent_frames: int, tc: int, causal: bool) -> int:
     return num_latent_frames * tc if num_latent_frames > 1 else 1
 
 
+def valid_num_frames(at_most: int, tc: int, causal: bool) -> int:
+    """The largest frame count the rule accepts that is at most `at_most` (0 if none)."""
+    return next((t for t in range(at_most, 0, -1) if frames_ok(t, tc, causal)), 0)
+
+
 def shape_problems(num_frames: int, height: int, width: int, tc: int, causal: bool, size_multiple: int) -> list[str]:
     """What is wrong with an input shape, each problem saying what would be accepted (empty if none)."""
     problems = []
     if not frames_ok(num_frames, tc, causal):
-        near = next((t for t in range(num_frames, 0, -1) if frames_ok(t, tc, causal)), 0)
+        near = valid_num_frames(num_frames, tc, causal)
         problems.append(
             f"{num_frames} frames (the rule is T = {frame_rule(tc, causal)}"
             + (f"; e.g. {near} or {near + tc})" if near else ")")
@@ -219,7 +224,7 @@ class LatentRules:
 
     def valid_num_frames(self, at_most: int) -> int:
         """The largest frame count this model accepts that is at most `at_most` (0 if none)."""
-        return next((t for t in range(at_most, 0, -1) if self.frames_ok(t)), 0)
+        return valid_num_frames(at_most, self.temporal_compression, self.causal)
 
     def latent_frames(self, num_frames: int) -> int:
         return latent_frames(num_frames, self.temporal_compression, self.causal)

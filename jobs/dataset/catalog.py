@@ -12,7 +12,7 @@ import fcntl
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,7 @@ class JobRecord:
 
 
 def write_job(root: Path, job: JobRecord) -> None:
-    write_json_atomic(
-        root / JOB_FILE,
-        {
-            "fingerprint": job.fingerprint,
-            "settings": job.settings,
-            "config": job.config,
-            "inputs": job.inputs,
-            "command": job.command,
-        },
-    )
+    write_json_atomic(root / JOB_FILE, asdict(job))
 
 
 def read_job(root: str | Path) -> JobRecord:

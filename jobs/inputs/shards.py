@@ -90,7 +90,7 @@ class HttpStorage:
     """`http(s)://` URLs, read with Python's own client (no shell): brace patterns, no listing."""
 
     def list(self, spec: str) -> list[Shard]:
-        return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
+        return _url_shards(spec)
 
     def open(self, source: str) -> BinaryIO:
         return _HttpBody(urllib.request.urlopen(source, timeout=60))  # type: ignore[return-value]
@@ -119,7 +119,7 @@ class ShellStorage:
     """`pipe:COMMAND`: a shell runs COMMAND and its output is the tar (webdataset's `gopen`)."""
 
     def list(self, spec: str) -> list[Shard]:
-        return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
+        return _url_shards(spec)
 
     def open(self, source: str) -> BinaryIO:
         return gopen(source)
@@ -196,6 +196,11 @@ def _local_name(path: str, root: str) -> str:
     return _strip_tar(rel.replace(os.sep, "/"))
 
 
+def _url_shards(spec: str) -> list[Shard]:
+    """The URLs of a brace pattern (a URL cannot be listed), each with its output name."""
+    return [Shard(url, _url_name(url)) for url in braceexpand(spec)]
+
+
 def _url_name(url: str) -> str:
     # `pipe:aws s3 cp s3://b/x/shard-1.tar -` -> "shard-1"; `https://h/x/shard-1.tar` -> "shard-1"
     candidates = [w for w in url.split() if ".tar" in w] or [url]
@@ -209,13 +214,21 @@ def _strip_tar(name: str) -> str:
     return name
 
 
+# webdataset's grouping: the key is the path up to the first dot of the basename, the rest the
+# suffix; a basename that starts with a dot, or has none, gives no key.
+_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^./][^./]*)[.]([^/]*)$")
+
+
+def key_and_suffix(member_name: str) -> tuple[str, str] | None:
+    """A tar member's sample key and suffix (suffix as written), or None if its name gives no key."""
+    match = _KEY_AND_SUFFIX.match(member_name)
+    return None if match is None else (match.group(1), match.group(2))
+
+
 def sample_key(member_name: str) -> str | None:
     """webdataset's grouping key of a tar member: the path up to the first dot of its basename."""
-    head, _, base = member_name.rpartition("/")
-    stem = base.split(".", 1)[0]
-    if "." not in base or not stem:
-        return None
-    return f"{head}/{stem}" if head else stem
+    split = key_and_suffix(member_name)
+    return None if split is None else split[0]
 
 
 def count_samples(path: str | Path) -> int:

@@ -24,18 +24,15 @@ import gzip
 import http.client
 import json
 import lzma
-import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from jobs.inputs.shards import storage_for
+from jobs.inputs.shards import key_and_suffix, storage_for
 from vae.errors import describe_error
 
-# webdataset's grouping: the key is the path up to the first dot of the basename, the rest the suffix.
-_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^./][^./]*)[.]([^/]*)$")
 _COMPRESSED = ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile))
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -47,7 +44,6 @@ class ShardReadError(OSError):
 @dataclass
 class Member:
     name: str  # valid UTF-8
-    offset: int  # byte offset of its header in the (uncompressed) tar
     data: bytes | None  # None when `problem` is set
     problem: str | None = None
 
@@ -58,7 +54,6 @@ class RawSample:
     index: int  # position among the shard's samples
     files: dict[str, bytes]  # lower-cased suffix -> member bytes
     problem: str | None = None  # why the sample cannot be used, found while reading it
-    members: list[str] = field(default_factory=list)  # the member names it was made of
 
 
 def safe_name(name: str) -> str:
@@ -106,7 +101,7 @@ class _Counting:
     def read(self, n: int = -1) -> bytes:
         data = self.stream.read(n)
         self.position += len(data)
-        self.tail = (self.tail + data)[-self.keep :]
+        self.tail = (self.tail + data[-self.keep :])[-self.keep :]  # no copy of a whole member
         return data
 
     def block_at(self, offset: int) -> bytes | None:
@@ -201,13 +196,13 @@ def _members(tar_bytes: _Counting, on_damage: Callable[[str], None], limit: int 
             if info.isdir():
                 continue
             if not info.isreg():
-                yield Member(name, info.offset, None, "not a regular file (a link or a device)")
+                yield Member(name, None, "not a regular file (a link or a device)")
             elif limit is not None and info.size > limit:
-                yield Member(name, info.offset, None, f"member of {info.size} bytes is over the limit of {limit}")
+                yield Member(name, None, f"member of {info.size} bytes is over the limit of {limit}")
             else:
                 file = tar.extractfile(info)
                 assert file is not None
-                yield Member(name, info.offset, file.read())
+                yield Member(name, file.read())
             tar.members = []  # a streamed tar keeps no index
             at = end
     except ShardReadError:
@@ -228,22 +223,21 @@ def group_samples(members: Iterator[Member]) -> Iterator[RawSample]:
     current: RawSample | None = None
     index = 0
     for member in members:
-        match = _KEY_AND_SUFFIX.match(member.name)
-        if match is None:
+        split = key_and_suffix(member.name)
+        if split is None:
             if current is not None:
                 yield current
                 current = None
             problem = f"{member.name}: member name has no sample key (webdataset keys are the name up to a dot)"
-            yield RawSample(member.name, index, {}, problem, [member.name])
+            yield RawSample(member.name, index, {}, problem)
             index += 1
             continue
-        key, suffix = match.group(1), match.group(2).lower()
+        key, suffix = split[0], split[1].lower()
         if current is None or key != current.key:
             if current is not None:
                 yield current
             current = RawSample(key, index, {})
             index += 1
-        current.members.append(member.name)
         if member.problem is not None:
             current.problem = current.problem or f"{member.name}: {member.problem}"
         elif suffix in current.files:

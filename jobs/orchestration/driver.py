@@ -50,8 +50,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
     owns_ray = connect(config.run.address)
     try:
         resources = ray.cluster_resources()
-        plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0)
-        plan.allow_shell = allow_shell
+        plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0, allow_shell=allow_shell)
         with ExitStack() as held:
             try:
                 held.enter_context(output_lock(plan.root))

@@ -94,7 +94,7 @@ def check_config(config: JobConfig, allow_shell: bool = False) -> list[Shard]:
         raise UsageError(str(e)) from None
 
 
-def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
+def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool, allow_shell: bool = False) -> Plan:
     """The plan of a checked config: `vae.dtype` resolved for the cluster, settings and fingerprint."""
     config = dataclasses.replace(config, vae=dataclasses.replace(config.vae))
     if config.vae.dtype == "auto":
@@ -130,7 +130,7 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool) -> Plan:
         "shift_factor": preset.shift_factor,
         "scaling": preset.scaling,
     }
-    return Plan(config, Path(config.output).resolve(), shards, settings, fp, constants)
+    return Plan(config, Path(config.output).resolve(), shards, settings, fp, constants, allow_shell)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
