@@ -46,7 +46,7 @@ from jobs.dataset.layout import JOB_FILE
 from jobs.dataset.reader import load_sample, read_metadata
 from jobs.inputs.shards import Shard, storage_for
 from jobs.inputs.tar_samples import ShardReadError, read_shard, split_sample
-from jobs.inputs.video import VideoError, read_clip
+from jobs.inputs.video import VideoError, read_frames
 from jobs.orchestration.config import JobConfig, UsageError, from_dict
 from jobs.orchestration.settings import RecordedVAE, recorded_vae, usable_preset
 from jobs.quality.media import preview_grid, save_clip, to_uint8, write_png
@@ -252,13 +252,14 @@ def reconstruct(
         latent = load_sample(job.root, row)["latent"]
         recon = decode(model, preset, latent, job.config.tiling(), device)
         try:
-            clip = read_clip(videos[row["source"], key], row["num_frames"], row["height"], row["width"]).pixels
+            frames = row.get("frame_indices") or list(range(row["num_frames"]))  # the source frames it encoded
+            clip = read_frames(videos[row["source"], key], frames, row["height"], row["width"])
         except VideoError as e:
             raise UsageError(f"source video of '{key}' in {row['source']} cannot be decoded now: {e}") from None
         if recon.shape != clip.shape:
             shapes = f"reconstruction {tuple(recon.shape)}, clip {tuple(clip.shape)}"
             raise RuntimeError(f"'{key}': the decoded latents do not match the source clip ({shapes})")
-        stem = stem_for(key, used)
+        stem = stem_for(key if not row.get("clip") else f"{key}_c{row['clip']:03d}", used)
         video = save_clip(recon, output / "videos" / stem, row["fps"])
         preview = output / "previews" / f"{stem}.png"
         preview.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ def test_choices_are_literal_types_checked_in_one_place():
         "vae.dtype",
         "vae.tiling.mode",
         "vae.tiling.causal_norm",
+        "video.clips",
         "latents.dtype",
     }
     config = load_config(None, ["vae.tiling.mode=tiled", "vae.dtype=float64", "input=x.tar", "output=out"])

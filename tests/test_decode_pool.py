@@ -11,7 +11,12 @@ import torch
 
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
+from jobs.inputs.sampling import ClipRequest
 from jobs.inputs.video import VideoError, read_clip
+
+
+def spec(num_frames: int, height: int, width: int) -> ClipSpec:
+    return ClipSpec(ClipRequest(num_frames, height, width))
 
 
 @pytest.fixture
@@ -23,12 +28,12 @@ def pool():
 
 def test_clips_are_the_ones_decoded_in_process_single_threaded(pool):
     data = [demo_sample(0, i)["mp4"] for i in range(4)]
-    futures = [pool.submit(d, ClipSpec(8, 64, 48)) for d in data]
+    futures = [pool.submit(d, spec(8, 64, 48)) for d in data]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a decoding process (and in a trainer's DataLoader workers)
     try:
         for d, future in zip(data, futures):
-            clip, expected = future.result(), read_clip(d, 8, 64, 48)
+            (clip,), expected = future.result(), read_clip(d, 8, 64, 48)
             assert torch.equal(clip.pixels, expected.pixels) and clip.info == expected.info
     finally:
         torch.set_num_threads(threads)
@@ -36,10 +41,20 @@ def test_clips_are_the_ones_decoded_in_process_single_threaded(pool):
 
 def test_a_bad_sample_is_its_video_error_and_the_process_goes_on(pool):
     with pytest.raises(VideoError, match="cannot open video"):
-        pool.submit(b"junk", ClipSpec(8, 64, 64)).result()
+        pool.submit(b"junk", spec(8, 64, 64)).result()
     with pytest.raises(VideoError, match="too short"):
-        pool.submit(demo_sample(0, 0)["mp4"], ClipSpec(500, 64, 64)).result()
-    assert pool.submit(demo_sample(0, 1)["mp4"], ClipSpec(4, 32, 32)).result().pixels.shape == (3, 4, 32, 32)
+        pool.submit(demo_sample(0, 0)["mp4"], spec(500, 64, 64)).result()
+    assert pool.submit(demo_sample(0, 1)["mp4"], spec(4, 32, 32)).result()[0].pixels.shape == (3, 4, 32, 32)
+
+
+def test_any_other_failure_in_the_child_is_the_samples_error_and_the_process_stays(pool):
+    # A 0x0 clip makes the resize raise a RuntimeError, not a VideoError: the child's catch-all
+    # sends it back as the sample's reason instead of dying with it.
+    with pytest.raises(VideoError, match=r"^decode failed: RuntimeError: .*sizes should be greater than 0"):
+        pool.submit(demo_sample(0, 0)["mp4"], spec(2, 0, 0)).result()
+    pids = {slot.process.pid for slot in pool._slots if slot.process is not None}
+    assert pool.submit(demo_sample(0, 1)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape == (3, 2, 32, 32)
+    assert pids <= {slot.process.pid for slot in pool._slots if slot.process is not None}  # none was replaced
 
 
 def test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes():
@@ -48,19 +63,19 @@ def test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes():
     pool = DecodePool(1, timeout=0.01)
     try:
         with pytest.raises(VideoError, match=r"did not finish within 0.01 s \(limits.decode_timeout_s\); its process"):
-            pool.submit(slow, ClipSpec(2, 64, 64)).result()
+            pool.submit(slow, spec(2, 64, 64)).result()
         pool.timeout = 60
-        clip = pool.submit(demo_sample(0, 0)["mp4"], ClipSpec(4, 32, 32)).result()  # in a fresh process
+        (clip,) = pool.submit(demo_sample(0, 0)["mp4"], spec(4, 32, 32)).result()  # in a fresh process
         assert clip.pixels.shape == (3, 4, 32, 32)
     finally:
         pool.close()
 
 
 def test_a_decoding_process_that_died_is_replaced(pool):
-    assert pool.submit(demo_sample(0, 0)["mp4"], ClipSpec(2, 32, 32)).result()
+    assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
     for slot in pool._slots:
         if slot.process is not None:
             os.kill(slot.process.pid, signal.SIGKILL)
             slot.process.join()
     for i in range(3):
-        assert pool.submit(demo_sample(0, i)["mp4"], ClipSpec(2, 32, 32)).result().pixels.shape[1] == 2
+        assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2

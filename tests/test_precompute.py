@@ -235,7 +235,7 @@ def test_broken_samples_become_error_rows(ray_cluster, tmp_path):
     reasons = {by[("shard-0.tar", i)]["error"] for i in (1, 2, 3, 4, 6)}
     assert any(r.startswith("cannot open video") for r in reasons)
     assert any(r.startswith("no video member") for r in reasons)
-    assert "too short: decoded 5 frames, need 8" in reasons
+    assert "too short: 5 frames, need 8" in reasons
     assert "duplicate key (first at index 0 of this shard)" in reasons
     assert by[("shard-0.tar", 2)]["caption"] == "orphan"
     shard1 = [r for r in rows if r["source"].endswith("shard-1.tar")]
@@ -459,7 +459,7 @@ def test_the_error_budget_stops_the_job_and_a_rerun_goes_on(ray_cluster, demo_sh
     printed = capsys.readouterr().out
     stopped = next(line for line in printed.splitlines() if "STOPPED:" in line)
     assert "samples (100%) are error rows, more than run.max_error_rate = 0.5" in stopped
-    assert "most common: too short: decoded N frames, need N" in stopped
+    assert "most common: too short: N frames, need N" in stopped
     committed = len(list((out / "_commits").glob("*.json")))
     assert 1 <= committed < 3 and not (out / "manifest.json").exists()
     assert main([*argv[:-2], "--max-error-rate", "1"]) == 0  # the rest, once the budget allows it

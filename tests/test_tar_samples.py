@@ -121,6 +121,16 @@ def test_members_over_the_size_limit_are_not_read(tmp_path):
     assert samples[1].problem == "big.mp4: member of 5000 bytes is over the limit of 1000" and len(samples) == 2
 
 
+def test_a_sample_whose_members_together_are_over_the_limit_is_not_kept(tmp_path):
+    path = tmp_path / "s.tar"
+    members = {f"{i}.json": b"x" * 400 for i in range(5)}  # each under the limit, 2,000 bytes together
+    write_shard(path, [("many", members), ("after", {"mp4": b"y" * 900})])
+    samples, damage = _read(path, max_member_bytes=1000)
+    assert samples[0].key == "many" and samples[0].files == {}
+    assert samples[0].problem == "the sample's members hold over 1000 bytes (limits.max_member_bytes)"
+    assert (samples[1].key, samples[1].problem, samples[1].files) == ("after", None, {"mp4": b"y" * 900})
+
+
 def test_a_stream_that_fails_is_not_damage_but_a_failed_read(tmp_path):
     path = tmp_path / "s.tar"
     write_shard(path, [("a", {"mp4": b"1"})])

@@ -44,7 +44,7 @@ def test_resize_crop_rounds_like_open_sora():
 
 
 def test_too_short_video(frames):
-    with pytest.raises(VideoError, match="too short: decoded 24 frames, need 30"):
+    with pytest.raises(VideoError, match="too short: 24 frames, need 30"):
         read_clip(video_file_bytes(frames, fps=24), num_frames=30, height=32, width=32)
 
 
@@ -64,7 +64,7 @@ def test_truncated_mp4_is_reported(frames, tmp_path):
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
     data = path.read_bytes()
-    with pytest.raises(VideoError, match=r"too short: decoded \d+ frames although the container claims 24"):
+    with pytest.raises(VideoError, match=r"damaged video: FFmpeg said '.+' \(h264\) while reading the container"):
         read_clip(data[: int(len(data) * 0.8)], num_frames=24, height=32, width=32)
     # Without faststart the index is at the end: a cut file does not even open.
     plain = video_file_bytes(frames, fps=24)
@@ -104,7 +104,7 @@ def test_only_allowed_containers_are_opened(tmp_path, monkeypatch, frames, name,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret.mp4").write_bytes(video_file_bytes(frames, fps=24))
     started = time.monotonic()
-    with pytest.raises(VideoError, match=r"not a supported container \(mp4/mov/m4v, mkv/webm, avi\)"):
+    with pytest.raises(VideoError, match=r"not a supported container \(mp4/mov/m4v, mkv/webm, avi, jpg, png, webp\)"):
         read_clip(data, num_frames=2, height=32, width=32)
     assert time.monotonic() - started < 1.0  # no socket was opened and waited on
 

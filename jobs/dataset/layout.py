@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 
 # Bumped whenever the bytes written for the same inputs and settings change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: clips (several per video, sampled frames, buckets) and their columns
 
 LATENTS_DIR = "latents"
 META_DIR = "meta"
@@ -43,6 +43,7 @@ SCHEMA = pa.schema(
         ("key", pa.string()),  # webdataset key of the input sample
         ("source", pa.string()),  # input shard (path or URL)
         ("index", pa.int32()),  # position of the sample in its input shard
+        ("clip", pa.int32()),  # clip number within the sample (0 unless several clips per video)
         ("status", pa.string()),  # "ok" or "error"
         ("error", pa.string()),  # reason, for status "error"
         ("shard", pa.string()),  # latent tar, relative to DIR
@@ -53,12 +54,17 @@ SCHEMA = pa.schema(
         ("num_frames", pa.int32()),  # frames encoded
         ("height", pa.int32()),  # size encoded
         ("width", pa.int32()),
-        ("fps", pa.float64()),  # frame rate of the source video (and of the encoded frames)
+        ("fps", pa.float64()),  # average frame rate of the source video (0 for an image)
+        ("frame_stride", pa.int32()),  # Open-Sora's frame interval (encoded frames are at fps / frame_stride)
+        ("frame_indices", pa.list_(pa.int32())),  # the source frames encoded (on the fps time grid)
+        ("clip_start", pa.float64()),  # seconds from the first frame to the clip's first
+        ("bucket", pa.string()),  # "resolution/aspect/num_frames" with video.buckets, else null
         ("caption", pa.string()),
         ("meta", pa.string()),  # the sample's `.json` member, verbatim
         ("src_width", pa.int32()),
         ("src_height", pa.int32()),
-        ("src_num_frames", pa.int32()),  # as reported by the container (0 = unknown)
+        ("src_num_frames", pa.int32()),  # frames the container holds (on the fps time grid)
+        ("src_rotation", pa.int32()),  # degrees the stored frames were turned for display
         ("src_duration", pa.float64()),
         ("codec", pa.string()),
         ("fingerprint", pa.string()),  # job fingerprint (settings that determine the bytes)
@@ -97,14 +103,19 @@ _UNSAFE_PART = re.compile(r"^\.{1,2}$|[\x00-\x1f\x7f\\]")
 MAX_MEMBER_STEM = 200  # bytes: a tar member name, and a file name when extracted, stay well under 255
 
 
-def member_stem(key: str) -> str:
+def member_stem(key: str, clip: int | None = None) -> str:
     """The name of a sample's members in a latent tar (`<stem>.safetensors`, `<stem>.json`).
+
+    With several clips per video (`clip` given) every stem ends in `_c<clip>` (`_c007`): a
+    fixed-width suffix on every clip keeps stems unique, and no dot keeps webdataset's keys whole.
 
     A key that is a safe relative path is its own stem. Any other (absolute, `..` or empty
     parts, control characters or backslashes, too long) is cleaned and given a hash of the key, so
     that no extraction can leave the destination folder and no two keys share a stem; the row
     and the sidecar keep the original key.
     """
+    if clip is not None:
+        return f"{member_stem(key)}_c{clip:03d}"
     parts = key.split("/")
     if len(key.encode()) <= MAX_MEMBER_STEM and all(p and not _UNSAFE_PART.search(p) for p in parts):
         return key

@@ -29,6 +29,21 @@ from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
 from vae.checkpoint import file_sha256
 from vae.errors import describe_error
 
+# What a latent's JSON sidecar repeats of its row (enough to train without the Parquet file).
+_SIDECAR = (
+    "key",
+    "clip",
+    "caption",
+    "num_frames",
+    "height",
+    "width",
+    "fps",
+    "frame_stride",
+    "frame_indices",
+    "bucket",
+    "latent_shape",
+)
+
 # The range of each integer column; a value outside it (a container that claims 4e9 frames) is unknown.
 _INT_RANGES = {
     f.name: (-(2 ** (f.type.bit_width - 1)), 2 ** (f.type.bit_width - 1) - 1)
@@ -108,8 +123,17 @@ class ShardWriter:
         # After addfile the archive offset sits at the end of the 512-byte-padded data.
         return self._tar.offset - _padded(len(data))
 
-    def add(self, key: str, index: int, tensors: dict[str, torch.Tensor], fields: dict[str, Any]) -> None:
-        """Adds an encoded sample: its tensors as `<stem>.safetensors`, a JSON sidecar, a row.
+    def add(
+        self,
+        key: str,
+        index: int,
+        tensors: dict[str, torch.Tensor],
+        fields: dict[str, Any],
+        clip: int | None = None,
+    ) -> None:
+        """Adds an encoded clip: its tensors as `<stem>.safetensors`, a JSON sidecar, a row.
+
+        `clip` numbers the clips of a video when it may give several (the stem then says which).
 
         Raises:
             ValueError: The sample cannot be stored (nothing of it was written; make it an error row).
@@ -121,6 +145,7 @@ class ShardWriter:
                 **fields,
                 "key": key,
                 "index": index,
+                "clip": clip or 0,
                 "status": "ok",
                 "shard": self.files.latents,
                 "offset": None,
@@ -131,15 +156,13 @@ class ShardWriter:
         )
         try:  # everything that can fail for this sample, before anything is written
             blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": row["key"]})
-            sidecar = {
-                k: row.get(k) for k in ("key", "caption", "num_frames", "height", "width", "fps", "latent_shape")
-            }
+            sidecar = {k: row.get(k) for k in _SIDECAR}
             sidecar["meta"] = json.loads(row["meta"]) if row.get("meta") else None
             sidecar_bytes = json.dumps(sidecar, sort_keys=True).encode()
             self._check({**row, "offset": 0, "size": len(blob)})
         except (ValueError, TypeError, RecursionError, pa.ArrowException) as e:
             raise ValueError(f"cannot store the sample: {describe_error(e)}") from e
-        stem = member_stem(row["key"])
+        stem = member_stem(row["key"], clip)
         row["offset"], row["size"] = self._add_member(f"{stem}.safetensors", blob), len(blob)
         self._add_member(f"{stem}.json", sidecar_bytes)
         self.rows.append(row)
@@ -149,11 +172,11 @@ class ShardWriter:
 
         Fields that cannot be stored are dropped (the key, index and reason always can).
         """
-        row = storable({**(fields or {}), "key": key, "index": index, "status": "error", "error": reason})
+        row = storable({"clip": 0, **(fields or {}), "key": key, "index": index, "status": "error", "error": reason})
         try:
             self._check(row)
         except (ValueError, TypeError, pa.ArrowException):
-            row = {k: row[k] for k in ("key", "index", "status", "error")}
+            row = {k: row[k] for k in ("key", "index", "clip", "status", "error")}
         self.rows.append(row)
 
     def _check(self, row: dict[str, Any]) -> None:
@@ -174,7 +197,7 @@ class ShardWriter:
         tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
 
         # Rows in input order; shard-level problems (negative index) at the end.
-        self.rows.sort(key=lambda r: (r["index"] < 0, abs(r["index"])))
+        self.rows.sort(key=lambda r: (r["index"] < 0, abs(r["index"]), r["clip"]))
         table = pa.Table.from_pylist([self._row(r) for r in self.rows], schema=SCHEMA)
         meta_tmp = self._temp(self.files.meta)
         with open(meta_tmp, "wb") as f:

@@ -3,11 +3,12 @@
 A thread cannot be interrupted: an FFmpeg call that never returns would hold a worker for good.
 So each decode runs in one of a few child processes; if a sample is not decoded within its
 timeout, its process is killed and replaced, the sample fails with a clear reason, and the
-worker goes on. The encoded bytes go to the child through a pipe; the clip comes back through
-shared memory that the parent allocates (it knows the clip's size) and frees.
+worker goes on. The encoded bytes go to the child through a pipe; the child probes the sample
+and sends back the clips it plans (`jobs.inputs.sampling`), the parent allocates shared memory
+of their size, and the child decodes into it; the parent frees it.
 
     pool = DecodePool(processes=2, timeout=300)
-    clip = pool.submit(video_bytes, ClipSpec(17, 256, 256)).result()   # raises VideoError
+    clips = pool.submit(video_bytes, ClipSpec(ClipRequest(17, 256, 256)), key).result()   # raises VideoError
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -25,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.inputs.video import Clip, VideoError, VideoInfo, read_clip
+from jobs.inputs.sampling import ClipPlan, ClipRequest
+from jobs.inputs.video import Clip, DecodeLimits, VideoError, VideoFile, VideoInfo
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
@@ -38,45 +41,42 @@ _CONTEXT.set_forkserver_preload(["jobs.inputs.video"])
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """What to decode from a sample (see `read_clip`)."""
+    """What to cut out of a sample, and what decoding it may cost."""
 
-    num_frames: int
-    height: int
-    width: int
-    threads: int = 1
-    max_pixels: int | None = None
-    timeout: float | None = None  # the decoder's own check, after every frame
-
-    @property
-    def nbytes(self) -> int:
-        return 3 * self.num_frames * self.height * self.width * 4  # float32
+    request: ClipRequest
+    limits: DecodeLimits = DecodeLimits()
 
 
 def _child(conn: Connection) -> None:
-    """A decoding process: (shared memory name, bytes, spec) in; ("ok", info) or an error out."""
+    """A decoding process: (bytes, spec, key) in; ("plan", plans) out, a shared memory name in,
+    ("ok", info) out; or ("video", reason) out at any step."""
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
     while True:
         try:
-            message = conn.recv()
+            data, spec, key = conn.recv()
         except EOFError:
             return
-        name, data, spec = message
         try:
-            clip = read_clip(
-                data, spec.num_frames, spec.height, spec.width, spec.threads, spec.max_pixels, spec.timeout
-            )
+            video = VideoFile(data, spec.limits)
+            plans = video.clips(spec.request, key)
+            conn.send(("plan", plans))
+            name = conn.recv()
             shm = SharedMemory(name=name)
             try:
-                out = np.ndarray(tuple(clip.pixels.shape), dtype=np.float32, buffer=shm.buf)
-                out[...] = clip.pixels.numpy()
-                del out
+                offset = 0
+                for plan in plans:
+                    shape = (3, plan.num_frames, plan.height, plan.width)
+                    out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset)
+                    video.decode(plan, torch.from_numpy(out))
+                    offset += plan.nbytes
+                    del out
             finally:
                 shm.close()
-            conn.send(("ok", asdict(clip.info)))
+            conn.send(("ok", asdict(video.info)))
         except VideoError as e:
             conn.send(("video", str(e)))
         except Exception as e:  # a sample must not end the process: the parent makes it an error row
-            conn.send(("error", f"decode failed: {describe_error(e)}"))
+            conn.send(("video", f"decode failed: {describe_error(e)}"))
 
 
 class _Slot:
@@ -111,43 +111,55 @@ class _Slot:
             if task is None:
                 self._stop()
                 return
-            data, spec, future = task
+            data, spec, key, future = task
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._decode(data, spec))
+                future.set_result(self._decode(data, spec, key))
             except BaseException as e:
                 future.set_exception(e)
 
-    def _decode(self, data: bytes, spec: ClipSpec) -> Clip:
+    def _decode(self, data: bytes, spec: ClipSpec, key: str) -> list[Clip]:
         if self.process is None or not self.process.is_alive():
             self._stop()
             self._start()
         assert self.conn is not None
-        shm = SharedMemory(create=True, size=max(1, spec.nbytes))
+        deadline = time.monotonic() + self.pool.timeout
+        self.conn.send((data, spec, key))
+        kind, payload = self._receive(deadline)
+        if kind == "video":
+            raise VideoError(payload)
+        plans: list[ClipPlan] = payload
+        shm = SharedMemory(create=True, size=max(1, sum(p.nbytes for p in plans)))
         try:
-            self.conn.send((shm.name, data, spec))
-            if not self.conn.poll(self.pool.timeout):
-                self._stop()  # killed: the hang (or the slow decode) ends here; a fresh process takes the next
-                raise VideoError(
-                    f"decoding did not finish within {self.pool.timeout:g} s (limits.decode_timeout_s); "
-                    "its process was ended"
-                )
-            try:
-                kind, payload = self.conn.recv()
-            except (EOFError, OSError) as e:  # the child died (a crash in FFmpeg, the OOM killer)
-                self._stop()
-                raise VideoError(f"the decoding process died ({describe_error(e)})") from e
+            self.conn.send(shm.name)
+            kind, payload = self._receive(deadline)
             if kind == "video":
                 raise VideoError(payload)
-            if kind == "error":
-                raise VideoError(payload)
-            shape = (3, spec.num_frames, spec.height, spec.width)
-            pixels = torch.from_numpy(np.ndarray(shape, dtype=np.float32, buffer=shm.buf).copy())
-            return Clip(pixels=pixels, info=VideoInfo(**payload))
+            info, clips, offset = VideoInfo(**payload), [], 0
+            for plan in plans:
+                shape = (3, plan.num_frames, plan.height, plan.width)
+                pixels = np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset).copy()
+                clips.append(Clip(torch.from_numpy(pixels), info, plan))
+                offset += plan.nbytes
+            return clips
         finally:
             shm.close()
             shm.unlink()
+
+    def _receive(self, deadline: float) -> tuple[str, Any]:
+        assert self.conn is not None
+        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+            self._stop()  # killed: the hang (or the slow decode) ends here; a fresh process takes the next
+            raise VideoError(
+                f"decoding did not finish within {self.pool.timeout:g} s (limits.decode_timeout_s); "
+                "its process was ended"
+            )
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as e:  # the child died (a crash in FFmpeg, the OOM killer)
+            self._stop()
+            raise VideoError(f"the decoding process died ({describe_error(e)})") from e
 
 
 class DecodePool:
@@ -161,13 +173,13 @@ class DecodePool:
 
     def __init__(self, processes: int, timeout: float) -> None:
         self.timeout = timeout
-        self._tasks: queue.Queue[tuple[bytes, ClipSpec, Future[Clip]] | None] = queue.Queue()
+        self._tasks: queue.Queue[tuple[bytes, ClipSpec, str, Future[list[Clip]]] | None] = queue.Queue()
         self._slots = [_Slot(self, i) for i in range(processes)]
 
-    def submit(self, data: bytes, spec: ClipSpec) -> Future[Clip]:
-        """The future clip of `data`; its `result()` raises VideoError for a sample that cannot give it."""
-        future: Future[Clip] = Future()
-        self._tasks.put((data, spec, future))
+    def submit(self, data: bytes, spec: ClipSpec, key: str = "") -> Future[list[Clip]]:
+        """The future clips of sample `key`; `result()` raises VideoError for a sample that gives none."""
+        future: Future[list[Clip]] = Future()
+        self._tasks.put((data, spec, key, future))
         return future
 
     def close(self) -> None:

@@ -213,14 +213,16 @@ def _members(tar_bytes: _Counting, on_damage: Callable[[str], None], limit: int 
     return end
 
 
-def group_samples(members: Iterator[Member]) -> Iterator[RawSample]:
+def group_samples(members: Iterator[Member], max_sample_bytes: int | None = None) -> Iterator[RawSample]:
     """The third stage: consecutive members of one key form a sample (webdataset's rule).
 
     A member whose name has no key (no dot, or a name starting with a dot) is a sample of its
-    own, with a problem. A member that cannot be used (over the size limit, not a regular file)
-    or a second member with the same suffix (which of the two is meant?) makes its sample unusable.
+    own, with a problem. A member that cannot be used (over the size limit, not a regular file),
+    a second member with the same suffix (which of the two is meant?), or members that together
+    are over `max_sample_bytes` (their bytes are dropped as they come) make the sample unusable.
     """
     current: RawSample | None = None
+    held = 0  # bytes of the current sample's members
     index = 0
     for member in members:
         split = key_and_suffix(member.name)
@@ -237,8 +239,15 @@ def group_samples(members: Iterator[Member]) -> Iterator[RawSample]:
             if current is not None:
                 yield current
             current = RawSample(key, index, {})
+            held = 0
             index += 1
-        if member.problem is not None:
+        held += len(member.data or b"")
+        if max_sample_bytes is not None and held > max_sample_bytes:
+            current.files.clear()
+            current.problem = (
+                current.problem or f"the sample's members hold over {max_sample_bytes} bytes (limits.max_member_bytes)"
+            )
+        elif member.problem is not None:
             current.problem = current.problem or f"{member.name}: {member.problem}"
         elif suffix in current.files:
             current.problem = current.problem or f"duplicate member {member.name} (two .{suffix} in one sample)"
@@ -260,7 +269,8 @@ def read_shard(
     Args:
         source: Path or URL of the tar (opened by the storage of its form, `jobs.inputs.shards`).
         on_damage: Called with the reason of each damage found inside the tar; reading stops there.
-        max_member_bytes: Members larger than this are not read (their sample has a problem).
+        max_member_bytes: Members larger than this are not read, and a sample's members may not
+            hold more together (their sample has a problem).
         allow_shell: Whether a `pipe:` source may run its command (the user's opt-in).
 
     Raises:
@@ -268,7 +278,7 @@ def read_shard(
         ShardReadError: The shard could not be opened or streamed to its end.
     """
     stream = open_stream(source, storage_for(source, allow_shell).open)
-    yield from group_samples(tar_members(stream, on_damage, max_member_bytes))
+    yield from group_samples(tar_members(stream, on_damage, max_member_bytes), max_member_bytes)
 
 
 @dataclass

@@ -1,51 +1,90 @@
-"""Decode the start of a video with PyAV and shape it the way Open-Sora's dataset does.
+"""Decode the clips of a video with PyAV and shape them the way Open-Sora's dataset does.
 
-Frames are decoded one at a time and resized/cropped immediately, so memory is bounded by
-the clip, never by the video. Resize-to-cover uses float bilinear interpolation without
-antialiasing, the centre crop rounds like Open-Sora's `resize_crop_to_fill`, and pixels are
-mapped to [-1, 1] with mean 0.5 and std 0.5: the same numbers the trainer would compute.
+A sample is opened twice. The first pass reads the container's packets without decoding them
+(plus the first frame, for its size and rotation): it gives the frame timestamps, from which
+`jobs.inputs.sampling` plans the clips on a uniform time grid at the average frame rate. The
+second pass seeks near each clip's start and decodes until its last frame; grid frame `i` is
+the frame on display at time `t0 + i / fps` (allowing timestamps a tenth of a frame late), so a
+constant-rate video is sampled by frame number and a variable-rate one by time. Frames are resized and cropped as they
+come, so memory is bounded by the clip, never by the video.
+
+Pixels follow Open-Sora: the display rotation applied, resize to cover with float bilinear
+interpolation (no antialiasing), the centre crop rounded like its `ResizeCrop`, and [-1, 1] from
+mean 0.5 and std 0.5. Images (jpg, png, webp) are one-frame clips.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import time
+from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import av
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from jobs.inputs.sampling import ClipPlan, ClipRequest, Source, VideoError, plan_clips
 from vae.errors import describe_error
 
-
-class VideoError(ValueError):
-    """A video that cannot give the requested clip; the message is the error row's reason."""
+__all__ = ["Clip", "DecodeLimits", "VideoError", "VideoFile", "VideoInfo", "read_clip", "read_clips", "read_frames"]
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     """What the container says about the video stream (before any resizing)."""
 
-    width: int
+    width: int  # as displayed: the rotation applied
     height: int
-    fps: float
-    num_frames: int  # as reported by the container; 0 when unknown
+    fps: float  # average frame rate; 0.0 for an image
+    num_frames: int  # frames on the time grid at `fps` (what the sampling counts; 1 for an image)
     duration: float  # seconds; 0.0 when unknown
     codec: str
+    rotation: int = 0  # degrees the stored frames are turned counter-clockwise for display
+    packets: int = 0  # frames the file holds (its video packets)
+    claimed_frames: int = 0  # frames the container's header claims; 0 when it does not say
 
 
 @dataclass
 class Clip:
     pixels: Tensor  # C T H W float32 in [-1, 1]
     info: VideoInfo
+    plan: ClipPlan
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding one sample may cost; over a limit, the sample is an error row naming it."""
+
+    max_pixels: int | None = None  # frames of more pixels (W * H) are refused before any is decoded
+    max_frames: int | None = None  # frames (packets) a sample may hold, and decode per clip
+    timeout: float | None = None  # seconds, checked after every frame
+    threads: int = 1  # FFmpeg decoding threads (0: FFmpeg's choice, one per core)
 
 
 # The containers the job decodes, recognised by their first bytes. FFmpeg's own probing is never
 # used: it also takes playlists, concat scripts and SDP files, which open other files or sockets.
-CONTAINERS = {"mov": "mp4/mov/m4v", "matroska": "mkv/webm", "avi": "avi"}
+CONTAINERS = {
+    "mov": "mp4/mov/m4v",
+    "matroska": "mkv/webm",
+    "avi": "avi",
+    "jpeg_pipe": "jpg",
+    "png_pipe": "png",
+    "webp_pipe": "webp",
+}
+IMAGE_FORMATS = {"jpeg_pipe", "png_pipe", "webp_pipe"}
 _MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
+# A frame may start this fraction of a frame period late and still count as on display at a grid
+# time: timestamps rounded to a coarse time base (1 ms in mkv) are never more than this late.
+TIMESTAMP_SLACK = 0.1
+# FFmpeg's messages that mean the file is damaged even when no call fails: a truncated mkv only
+# says "File ended prematurely", a cut mp4 "partial file", a corrupt bitstream logs its errors.
+_DAMAGE_WARNINGS = ("ended prematurely", "partial file", "truncat")
 # The mov demuxer can follow "data references" to other files; they stay off.
 _DEMUXER_OPTIONS = {"mov": {"enable_drefs": "0", "use_absolute_path": "0"}}
 
@@ -58,7 +97,232 @@ def container_format(data: bytes) -> str | None:
         return "matroska"
     if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
         return "avi"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg_pipe"
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return "png_pipe"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp_pipe"
     return None
+
+
+class VideoFile:
+    """An encoded sample, probed: its `info`, its `source` (what sampling needs), and its clips.
+
+    Raises (from the constructor):
+        VideoError: Not a supported container, no video stream, no frame, or over a limit.
+    """
+
+    def __init__(self, data: bytes, limits: DecodeLimits = DecodeLimits()) -> None:
+        self.data = data
+        self.limits = limits
+        self.started = time.monotonic()
+        self.frames_decoded = 0  # by `decode`, over all clips (seeking keeps it near the clips' lengths)
+        self.format = container_format(data)
+        if self.format is None:
+            raise VideoError(
+                f"cannot open video ({len(data)} bytes): not a supported container "
+                f"({', '.join(CONTAINERS.values())}); it starts with {data[:12]!r}"
+            )
+        self.image = self.format in IMAGE_FORMATS
+        with _ffmpeg_log() as log, self._open() as container:
+            stream = container.streams.video[0]
+            self.time_base = float(stream.time_base or 0)
+            times, first = self._scan(container, stream)
+            _raise_on_damage(log, "reading the container")
+            claimed = 0 if self.image else stream.frames or 0
+            rate = 0.0 if self.image else float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            else:
+                duration = (container.duration or 0) / av.time_base
+            codec = stream.codec_context.name
+        if not times:
+            raise VideoError(f"no frames: the video stream is empty (the container claims {claimed})")
+        if claimed > len(times):
+            raise VideoError(f"truncated: the container promises {claimed} frames, {len(times)} are in the file")
+        if first is None:
+            raise VideoError(f"no frame could be decoded of {len(times)} in the container")
+        times = array("d", sorted(times))  # packets come in decoding order
+        if rate <= 0 and len(times) > 1 and times[-1] > times[0]:
+            rate = (len(times) - 1) / (times[-1] - times[0])
+        self.t0 = times[0]
+        self.fps = rate
+        self.timed = not math.isnan(self.t0)
+        if self.image or rate <= 0:
+            grid = 1
+        elif self.timed:
+            grid = math.floor((times[-1] - self.t0) * rate + 0.5) + 1
+        else:
+            grid = len(times)
+        rotation = first.rotation
+        width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
+        self.info = VideoInfo(width, height, rate, grid, duration, codec, rotation, len(times), claimed)
+        self.source = Source(width=width, height=height, num_frames=grid, fps=rate)
+
+    def _open(self) -> av.container.InputContainer:
+        assert self.format is not None
+        try:
+            container = av.open(
+                io.BytesIO(self.data), mode="r", format=self.format, options=_DEMUXER_OPTIONS.get(self.format, {})
+            )
+        except (av.FFmpegError, ValueError, IndexError) as e:
+            raise VideoError(f"cannot open video ({len(self.data)} bytes): {describe_error(e)}") from e
+        if not container.streams.video:
+            kinds = ", ".join(s.type for s in container.streams) or "none"
+            container.close()
+            raise VideoError(f"no video stream (streams: {kinds})")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = self.limits.threads
+        return container
+
+    def _scan(
+        self, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+    ) -> tuple[array[float], av.VideoFrame | None]:
+        """Every packet's presentation time (NaN where it has none), and the first decoded frame."""
+        times: array[float] = array("d")
+        first = None
+        limit = self.limits.max_frames
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream packet
+                    continue
+                pts = packet.pts if packet.pts is not None else packet.dts
+                times.append(math.nan if pts is None else pts * self.time_base)
+                if limit is not None and len(times) > limit:
+                    raise VideoError(f"over {limit} frames (limits.max_frames)")
+                if first is None:
+                    for frame in stream.decode(packet):
+                        self._check_frame(frame)
+                        first = frame
+                        break
+            if first is None:
+                for frame in stream.decode(None):  # frames the decoder still holds (frame threading)
+                    self._check_frame(frame)
+                    first = frame
+                    break
+        except VideoError:
+            raise
+        except (av.FFmpegError, ValueError) as e:
+            if not times:
+                raise VideoError(f"cannot read video packets: {describe_error(e)}") from e
+            # A damaged tail: the frames before it are what the sample holds.
+        return times, first
+
+    def _check_frame(self, frame: av.VideoFrame) -> None:
+        m = self.limits.max_pixels
+        if m is not None and frame.width * frame.height > m:
+            raise VideoError(f"frames of {frame.width}x{frame.height} are over limits.max_pixels = {m}")
+
+    def _check_time(self, decoded: int) -> None:
+        t = self.limits.timeout
+        if t is not None and time.monotonic() - self.started > t:
+            raise VideoError(f"decoding took over {t:g} s ({decoded} frames; limits.decode_timeout_s)")
+
+    def clips(self, request: ClipRequest, key: str = "") -> list[ClipPlan]:
+        """The clips `request` cuts out of this sample (see `jobs.inputs.sampling.plan_clips`)."""
+        plans = plan_clips(self.source, request, key)
+        if plans[-1].frames[-1] >= self.source.num_frames:
+            raise AssertionError("a planned frame lies past the video")  # the sampling's own invariant
+        return plans
+
+    def decode(self, plan: ClipPlan, out: Tensor | None = None) -> Tensor:
+        """The clip's pixels, C T H W float32 in [-1, 1] (written into `out` when given)."""
+        if out is None:
+            out = torch.empty(3, plan.num_frames, plan.height, plan.width)
+        for i, frame in enumerate(self._frames(plan.frames)):
+            rgb = torch.from_numpy(np.ascontiguousarray(_displayed(frame)))
+            out[:, i] = resize_crop(rgb.permute(2, 0, 1)[None], plan.height, plan.width)[0]
+        return out.mul_(2.0).sub_(1.0)
+
+    def _frames(self, wanted: tuple[int, ...]) -> Iterator[av.VideoFrame]:
+        """The frames on display at grid frames `wanted` (ascending), one per index."""
+        period = 1.0 / self.fps if self.fps > 0 else 0.0
+        timed = self.timed and period > 0
+
+        def deadline(i: int) -> float:  # grid frame i is the last frame to start by this time (seconds)
+            return self.t0 + (i + TIMESTAMP_SLACK) * period
+
+        decoded, j, previous = 0, 0, None
+        with _ffmpeg_log() as log, self._open() as container:
+            stream = container.streams.video[0]
+            if timed and wanted[0] > 0 and self.time_base > 0:
+                target = self.t0 + wanted[0] * period
+                container.seek(int(target / self.time_base), stream=stream, backward=True, any_frame=False)
+            try:
+                for frame in container.decode(stream):
+                    decoded += 1
+                    self.frames_decoded += 1
+                    self._check_time(decoded)
+                    self._check_frame(frame)
+                    if self.limits.max_frames is not None and decoded > self.limits.max_frames:
+                        raise VideoError(f"over {self.limits.max_frames} frames decoded (limits.max_frames)")
+                    if timed:
+                        t = float(frame.pts * self.time_base) if frame.pts is not None else math.nan
+                        if math.isnan(t):
+                            raise VideoError("a decoded frame has no timestamp")
+                        while j < len(wanted) and t > deadline(wanted[j]):
+                            yield previous if previous is not None else frame
+                            j += 1
+                    else:
+                        while j < len(wanted) and wanted[j] == decoded - 1:
+                            yield frame
+                            j += 1
+                    if j == len(wanted):
+                        break
+                    previous = frame
+            except VideoError:
+                raise
+            except (av.FFmpegError, ValueError) as e:
+                raise VideoError(f"decoding failed after {decoded} frames: {describe_error(e)}") from e
+            _raise_on_damage(log, f"decoding {decoded} frames")
+        if j == len(wanted):
+            return
+        # The end of the stream: the last frame stays on display for one period.
+        while j < len(wanted) and previous is not None and timed:
+            last = float(previous.pts * self.time_base)
+            if deadline(wanted[j]) - last > period + 2 * TIMESTAMP_SLACK * period:
+                break
+            yield previous
+            j += 1
+        if j < len(wanted):
+            raise VideoError(
+                f"decoded frames end before frame {wanted[j]} of {self.source.num_frames} that the container "
+                f"holds ({decoded} frames decoded): a corrupt or truncated video"
+            )
+
+
+@contextmanager
+def _ffmpeg_log() -> Iterator[list[tuple[int, str, str]]]:
+    """FFmpeg's warnings and errors while the block runs, from every thread (PyAV drops them unless
+    a level is set; the old level comes back after)."""
+    old = av.logging.get_level()
+    av.logging.set_level(av.logging.WARNING)
+    try:
+        with av.logging.Capture(local=False) as log:
+            yield log
+    finally:
+        av.logging.set_level(old)
+
+
+def _raise_on_damage(log: list[tuple[int, str, str]], doing: str) -> None:
+    for level, name, message in log:
+        if level <= av.logging.ERROR or any(w in message.lower() for w in _DAMAGE_WARNINGS):
+            raise VideoError(f"damaged video: FFmpeg said '{message.strip()}' ({name}) while {doing}")
+
+
+def _displayed(frame: av.VideoFrame) -> np.ndarray:
+    """The frame as RGB, turned the way its display matrix says (a phone's portrait video stands up)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    turns = round(frame.rotation / 90) % 4
+    return np.rot90(rgb, k=turns) if turns else rgb
+
+
+def read_clips(data: bytes, request: ClipRequest, key: str = "", limits: DecodeLimits = DecodeLimits()) -> list[Clip]:
+    """Every clip `request` cuts out of an encoded sample (in-process; the job decodes in `DecodePool`)."""
+    video = VideoFile(data, limits)
+    return [Clip(video.decode(plan), video.info, plan) for plan in video.clips(request, key)]
 
 
 def read_clip(
@@ -66,76 +330,25 @@ def read_clip(
     num_frames: int,
     height: int,
     width: int,
-    threads: int = 0,
+    threads: int = 1,
     max_pixels: int | None = None,
     timeout: float | None = None,
 ) -> Clip:
-    """Decodes the first `num_frames` frames of an encoded video and resizes/crops them.
-
-    Args:
-        data: The encoded video file.
-        num_frames: Frames to take from the start.
-        height: Output height (resize to cover, then centre crop).
-        width: Output width.
-        threads: FFmpeg decoding threads (0 = FFmpeg's choice, one per core: too many when
-            several actors share a node).
-        max_pixels: Frames of more pixels (W * H) are refused before any is decoded.
-        timeout: Seconds the decoding may take, checked after every frame.
+    """The first `num_frames` frames of an encoded video, resized to cover `height x width` and cropped.
 
     Raises:
         VideoError: Not a supported container, no video stream, frames over `max_pixels`,
             undecodable, slower than `timeout`, or fewer than `num_frames` frames.
     """
-    started = time.monotonic()
-    fmt = container_format(data)
-    if fmt is None:
-        raise VideoError(
-            f"cannot open video ({len(data)} bytes): not a supported container "
-            f"({', '.join(CONTAINERS.values())}); it starts with {data[:12]!r}"
-        )
-    try:
-        container = av.open(io.BytesIO(data), mode="r", format=fmt, options=_DEMUXER_OPTIONS.get(fmt, {}))
-    except (av.FFmpegError, ValueError, IndexError) as e:
-        raise VideoError(f"cannot open video ({len(data)} bytes): {describe_error(e)}") from e
-    with container:
-        if not container.streams.video:
-            kinds = ", ".join(s.type for s in container.streams) or "none"
-            raise VideoError(f"no video stream (streams: {kinds})")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        stream.codec_context.thread_count = threads
-        info = _info(container, stream)
-        _check_pixels(info.width, info.height, max_pixels)
-        frames: list[Tensor] = []
-        try:
-            for frame in container.decode(stream):
-                _check_pixels(frame.width, frame.height, max_pixels)
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
-                frames.append(resize_crop(rgb.permute(2, 0, 1)[None], height, width)[0])
-                if len(frames) == num_frames:
-                    break
-                if timeout is not None and time.monotonic() - started > timeout:
-                    raise VideoError(
-                        f"decoding took over {timeout:g} s ({len(frames)} frames; limits.decode_timeout_s)"
-                    )
-        except VideoError:
-            raise
-        except (av.FFmpegError, ValueError) as e:
-            raise VideoError(f"decoding failed after {len(frames)} frames: {describe_error(e)}") from e
-    if len(frames) < num_frames:
-        claimed = (
-            f" although the container claims {info.num_frames} (truncated file?)"
-            if info.num_frames > len(frames)
-            else ""
-        )
-        raise VideoError(f"too short: decoded {len(frames)} frames{claimed}, need {num_frames}")
-    pixels = torch.stack(frames, dim=1)  # C T H W
-    return Clip(pixels=pixels.mul_(2.0).sub_(1.0), info=info)
+    limits = DecodeLimits(max_pixels=max_pixels, timeout=timeout, threads=threads)
+    return read_clips(data, ClipRequest(num_frames, height, width), limits=limits)[0]
 
 
-def _check_pixels(width: int, height: int, max_pixels: int | None) -> None:
-    if max_pixels is not None and width * height > max_pixels:
-        raise VideoError(f"frames of {width}x{height} are over limits.max_pixels = {max_pixels}")
+def read_frames(data: bytes, frames: list[int], height: int, width: int) -> Tensor:
+    """The grid frames a row records (`frame_indices`), shaped as the job shaped them."""
+    video = VideoFile(data)
+    plan = ClipPlan(0, tuple(frames), 1, height, width)
+    return video.decode(plan)
 
 
 def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
@@ -154,19 +367,3 @@ def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     return x[..., top : top + height, left : left + width]
-
-
-def _info(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> VideoInfo:
-    rate = stream.average_rate or stream.guessed_rate or 0
-    if stream.duration is not None and stream.time_base is not None:
-        duration = float(stream.duration * stream.time_base)
-    else:
-        duration = (container.duration or 0) / av.time_base
-    return VideoInfo(
-        width=stream.codec_context.width,
-        height=stream.codec_context.height,
-        fps=float(rate),
-        num_frames=stream.frames or 0,
-        duration=duration,
-        codec=stream.codec_context.name,
-    )

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from jobs.inputs.buckets import bucket_table
+from jobs.inputs.sampling import ClipPolicy
 from vae import TilingConfig, describe_error
 from vae.spec import NormStats, TilingMode
 
@@ -57,12 +59,25 @@ class VAEConfig:
 
 @dataclass
 class VideoConfig:
-    num_frames: int = 17  # frames taken from the start of each video
-    height: int = 256  # output size: resize to cover, then center crop
+    num_frames: int = 17  # frames of each clip (without buckets)
+    height: int = 256  # size of each clip (without buckets): resize to cover, then centre crop
     width: int = 256
     adapt: bool = False  # fit num_frames/height/width down to what the VAE accepts, instead of refusing
-    # tar member suffixes taken as the video of a sample, in order of preference
-    extensions: list[str] = field(default_factory=lambda: ["mp4", "avi", "mkv", "mov", "webm", "m4v"])
+    # Frame sampling (jobs/inputs/sampling.py): keep every ceil(fps / fps_max)-th frame (None: every frame)
+    fps_max: float | None = None
+    # Where clips start: first, middle, random (seeded by vae.seed and the key), or several per
+    # video: uniform (evenly spaced, none overlapping) or every (one each clip_every_s seconds)
+    clips: ClipPolicy = "first"
+    max_clips: int = 8  # most clips per video (uniform, every)
+    clip_every_s: float = 10.0
+    # Open-Sora's buckets, {resolution: {num_frames: [probability, batch_size]}}, e.g.
+    # {"256px": {17: [1.0, 4], 1: [1.0, 16]}}; None: every clip is num_frames x height x width
+    buckets: dict[str, dict[int, Any]] | None = None
+    bucket_multiple: int = 0  # bucket sizes are multiples of this; 0 = max(16, the VAE's size multiple)
+    # tar member suffixes taken as the video (or image) of a sample, in order of preference
+    extensions: list[str] = field(
+        default_factory=lambda: ["mp4", "avi", "mkv", "mov", "webm", "m4v", "jpg", "jpeg", "png", "webp"]
+    )
 
 
 @dataclass
@@ -76,8 +91,9 @@ class LimitsConfig:
     """What one sample may cost. A sample over a limit is an error row naming it; the limits decide
     which samples are refused, never the bytes of a latent, so they are not in the fingerprint."""
 
-    max_member_bytes: int = 2 * 2**30  # a tar member larger than this is not read (2 GiB)
+    max_member_bytes: int = 2 * 2**30  # a tar member (or a sample's members together) over this is not read (2 GiB)
     max_pixels: int = 8192 * 8192  # frames with more pixels (W * H) are refused before decoding
+    max_frames: int = 1_000_000  # frames a sample may hold (and decode for one clip)
     decode_timeout_s: float = 300.0  # decoding one sample may take this long
     window_bytes: int = 2 * 2**30  # input bytes and clips an actor holds while decoding ahead of the model
 
@@ -124,12 +140,13 @@ class JobConfig:
             ("run.decode_threads", self.run.decode_threads),
             ("run.max_attempts", self.run.max_attempts),
             ("run.cpus_per_worker", self.run.cpus_per_worker),
+            ("video.max_clips", self.video.max_clips),
         ]:
             if value < 1:
                 raise UsageError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
             raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
-        for name in ("max_member_bytes", "max_pixels", "decode_timeout_s", "window_bytes"):
+        for name in ("max_member_bytes", "max_pixels", "max_frames", "decode_timeout_s", "window_bytes"):
             if getattr(self.limits, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive; got {getattr(self.limits, name)}")
         if not 0 <= self.run.max_error_rate <= 1:
@@ -147,6 +164,18 @@ class JobConfig:
             self.tiling()
         except ValueError as e:
             raise UsageError(f"vae.tiling: {e}") from None
+        v = self.video
+        if v.fps_max is not None and v.fps_max <= 0:
+            raise UsageError(f"video.fps_max must be positive (or null); got {v.fps_max}")
+        if v.clip_every_s <= 0:
+            raise UsageError(f"video.clip_every_s must be positive; got {v.clip_every_s}")
+        if v.bucket_multiple < 0:
+            raise UsageError(f"video.bucket_multiple must be 0 (auto) or positive; got {v.bucket_multiple}")
+        if v.buckets is not None:
+            try:
+                bucket_table(v.buckets, 16)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if not self.video.extensions:
             raise UsageError("video.extensions is empty")
         # webdataset lower-cases member suffixes, so the extensions are compared lower-cased.
@@ -202,7 +231,19 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if isinstance(value, bool) and {"off", "on"} & set(choices):
             return "on" if value else "off"  # YAML 1.1 reads a bare `off` (or `on`) as a boolean
         return _coerce(type(choices[0]), value, path)
+    if tp is Any:  # checked where it is used (the bucket config's entries)
+        return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: expected a mapping, got {value!r}")
+        key_type, value_type = args
+        out = {}
+        for k, v in value.items():
+            if key_type is int and isinstance(k, str) and k.strip().isdigit():
+                k = int(k)  # JSON (and --set) keys are strings
+            out[_coerce(key_type, k, f"{path}.{k}")] = _coerce(value_type, v, f"{path}.{k}")
+        return out
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

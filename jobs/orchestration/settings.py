@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from jobs.dataset.layout import FORMAT_VERSION
+from jobs.inputs.buckets import bucket_table
+from jobs.inputs.sampling import ClipRequest
 from jobs.inputs.shards import Shard, list_shards
 from jobs.orchestration.config import JobConfig, UsageError
 from vae import (
@@ -78,10 +80,13 @@ def check_config(config: JobConfig, allow_shell: bool = False) -> list[Shard]:
                 file=sys.stderr,
             )
             v.num_frames, v.height, v.width = fitted
-    try:
-        preset.check_input(v.num_frames, v.height, v.width)
-    except ValueError as e:
-        raise UsageError(f"{e}; or --set video.adapt=true to fit them") from None
+    if v.buckets is None:
+        try:
+            preset.check_input(v.num_frames, v.height, v.width)
+        except ValueError as e:
+            raise UsageError(f"{e}; or --set video.adapt=true to fit them") from None
+    else:
+        clip_request(config, preset)  # the buckets' frame counts and sizes, checked against the VAE
     if config.vae.checkpoint is not None:
         config.vae.checkpoint = os.path.abspath(config.vae.checkpoint)
     try:
@@ -92,6 +97,49 @@ def check_config(config: JobConfig, allow_shell: bool = False) -> list[Shard]:
         return list_shards(config.input, allow_shell)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def bucket_multiple(config: JobConfig, preset: VAEPreset) -> int:
+    """The multiple of bucket sizes: `video.bucket_multiple`, or Open-Sora's 16 (its AE's 8 times its
+    patch size 2) raised to the VAE's own size multiple."""
+    return config.video.bucket_multiple or max(16, preset.size_multiple)
+
+
+def clip_request(config: JobConfig, preset: VAEPreset) -> ClipRequest:
+    """What the job cuts out of every sample, for `preset`.
+
+    Raises:
+        UsageError: A bucket that the VAE cannot encode (frame count, size multiple).
+    """
+    v = config.video
+    table = None
+    if v.buckets is not None:
+        multiple = bucket_multiple(config, preset)
+        if multiple % preset.size_multiple:
+            raise UsageError(
+                f"video.bucket_multiple = {multiple} is not a multiple of VAE '{preset.name}''s size multiple "
+                f"{preset.size_multiple}"
+            )
+        try:
+            table = bucket_table(v.buckets, multiple)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        bad = sorted(t for t in table.frame_counts() if not preset.frames_ok(t))
+        if bad:
+            raise UsageError(
+                f"video.buckets: frame counts {bad} do not suit VAE '{preset.name}' (frames {preset.frame_rule})"
+            )
+    return ClipRequest(
+        num_frames=v.num_frames,
+        height=v.height,
+        width=v.width,
+        fps_max=v.fps_max,
+        policy=v.clips,
+        max_clips=v.max_clips,
+        every_s=v.clip_every_s,
+        seed=config.vae.seed,
+        buckets=table,
+    )
 
 
 def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool, allow_shell: bool = False) -> Plan:

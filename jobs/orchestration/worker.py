@@ -24,8 +24,9 @@ from jobs.dataset.writer import ShardWriter
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
-from jobs.inputs.video import Clip, VideoError
+from jobs.inputs.video import Clip, DecodeLimits, VideoError
 from jobs.orchestration.config import JobConfig
+from jobs.orchestration.settings import clip_request
 from vae import describe_error, encode_video, get_preset, load_vae, plan_encode
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class _Pending:
 
     raw: RawSample
     fields: dict[str, Any]
-    clip: Future[Clip] | None = None  # None: `error` says why there is no clip to wait for
+    clip: Future[list[Clip]] | None = None  # None: `error` says why there are no clips to wait for
     error: str | None = None
     nbytes: int = 0  # what it holds while it waits
 
@@ -77,9 +78,10 @@ class _Decoded:
     error: str | None = None
 
 
-def sample_seed(seed: int, key: str) -> int:
-    """Seed of a sample's posterior noise: depends on the job seed and the key only."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+def sample_seed(seed: int, key: str, clip: int = 0) -> int:
+    """Seed of a clip's posterior noise: depends on the job seed, the key and the clip number only."""
+    name = key if clip == 0 else f"{key}#{clip}"
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -114,15 +116,27 @@ class ShardEncoder:
             self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
         )
         self.tiling = config.tiling()
-        v, limits = config.video, config.limits
+        limits = config.limits
+        self.request = clip_request(config, self.preset)
         self.clip_spec = ClipSpec(
-            v.num_frames,
-            v.height,
-            v.width,
-            threads=max(1, config.run.cpus_per_worker // config.run.decode_threads),  # the actor's CPUs, shared
-            max_pixels=limits.max_pixels,
-            timeout=limits.decode_timeout_s,  # the decoder's own check, after every frame
+            self.request,
+            DecodeLimits(
+                max_pixels=limits.max_pixels,
+                max_frames=limits.max_frames,
+                timeout=limits.decode_timeout_s,  # the decoder's own check, after every frame
+                threads=max(1, config.run.cpus_per_worker // config.run.decode_threads),  # the actor's CPUs, shared
+            ),
         )
+        # The most a sample's clips may hold (the decode window's byte budget counts it).
+        sizes = (
+            [(b.num_frames, b.height, b.width) for b in self.request.buckets.buckets()] if self.request.buckets else []
+        )
+        t, h, w = max(
+            sizes,
+            key=lambda s: s[0] * s[1] * s[2],
+            default=(config.video.num_frames, config.video.height, config.video.width),
+        )
+        self.clip_bytes = 3 * t * h * w * 4 * (self.request.max_clips if self.request.multi_clip else 1)
         # Decoding runs in child processes: one that hangs is killed a little after the decoder's
         # own timeout would have fired, and the worker goes on.
         self.decoder = DecodePool(config.run.decode_threads, timeout=limits.decode_timeout_s + DECODE_GRACE_S)
@@ -148,19 +162,23 @@ class ShardEncoder:
         damage: list[str] = []
         window: deque[_Pending] = deque()  # samples being decoded, oldest first
         held = 0  # bytes the window holds: the input members, and the clips they decode to
-        batch: list[_Decoded] = []
+        batches: dict[str | None, list[_Decoded]] = {}  # per bucket (None: no buckets), in first-seen order
         seen: dict[str, int] = {}
         depth = self.config.run.batch_size + 2 * self.config.run.decode_threads
         limits = self.config.limits
 
-        def finish(item: _Decoded) -> Iterator[Progress]:
-            if item.error is not None:
-                writer.add_error(item.raw.key, item.raw.index, item.error, item.fields)
-                yield Progress(1, 0)
-                return
-            batch.append(item)
-            if len(batch) == self.config.run.batch_size:
-                yield self._flush(batch, writer)
+        def finish(items: list[_Decoded]) -> Iterator[Progress]:
+            for item in items:
+                if item.error is not None:
+                    writer.add_error(item.raw.key, item.raw.index, item.error, item.fields)
+                    yield Progress(1, 0)
+                    continue
+                assert item.clip is not None
+                bucket = item.clip.plan.bucket
+                batch = batches.setdefault(None if bucket is None else bucket.name, [])
+                batch.append(item)
+                if len(batch) == (self.config.run.batch_size if bucket is None else bucket.batch_size):
+                    yield self._flush(batch, writer)
 
         samples = read_shard(shard.source, damage.append, limits.max_member_bytes, allow_shell=self.allow_shell)
         for raw in samples:
@@ -177,8 +195,9 @@ class ShardEncoder:
                 yield from finish(self._resolve(pending))
         while window:
             yield from finish(self._resolve(window.popleft()))
-        if batch:
-            yield self._flush(batch, writer)
+        for batch in batches.values():
+            if batch:
+                yield self._flush(batch, writer)
         for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
             writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
             yield Progress(0, 0)
@@ -191,35 +210,45 @@ class ShardEncoder:
             fields.update(caption=parts.caption, meta=parts.meta)
             if parts.problem is not None or parts.video is None:
                 return _Pending(raw, fields, error=parts.problem)
-            nbytes = sum(len(b) for b in raw.files.values()) + self.clip_spec.nbytes
-            return _Pending(raw, fields, clip=self.decoder.submit(parts.video, self.clip_spec), nbytes=nbytes)
+            nbytes = sum(len(b) for b in raw.files.values()) + self.clip_bytes
+            return _Pending(raw, fields, clip=self.decoder.submit(parts.video, self.clip_spec, raw.key), nbytes=nbytes)
         except Exception as e:  # the per-sample boundary: nothing a sample holds takes the shard down
             return _Pending(raw, fields, error=f"decode failed: {describe_error(e)}")
 
-    def _resolve(self, pending: _Pending) -> _Decoded:
-        """Waits for a sample's clip; whatever happened to it ends here as an error at worst."""
+    def _resolve(self, pending: _Pending) -> list[_Decoded]:
+        """Waits for a sample's clips; whatever happened to it ends here as an error at worst."""
         raw, fields = pending.raw, pending.fields
         if pending.clip is None:
-            return _Decoded(raw, fields, error=pending.error)
+            return [_Decoded(raw, fields, error=pending.error)]
         try:
-            clip = pending.clip.result()
+            clips = pending.clip.result()
         except VideoError as e:
-            return _Decoded(raw, fields, error=str(e))
+            return [_Decoded(raw, fields, error=str(e))]
         except Exception as e:
-            return _Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")
-        info = clip.info
-        fields.update(
-            num_frames=clip.pixels.shape[1],
-            height=clip.pixels.shape[2],
-            width=clip.pixels.shape[3],
-            fps=info.fps,
-            src_width=info.width,
-            src_height=info.height,
-            src_num_frames=info.num_frames,
-            src_duration=info.duration,
-            codec=info.codec,
-        )
-        return _Decoded(raw, fields, clip=clip)
+            return [_Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")]
+        out = []
+        for clip in clips:
+            info, plan = clip.info, clip.plan
+            per_clip = {
+                **fields,
+                "clip": plan.index,
+                "num_frames": plan.num_frames,
+                "height": plan.height,
+                "width": plan.width,
+                "fps": info.fps,
+                "frame_stride": plan.stride,
+                "frame_indices": list(plan.frames),
+                "clip_start": plan.frames[0] / info.fps if info.fps > 0 else 0.0,
+                "bucket": None if plan.bucket is None else plan.bucket.name,
+                "src_width": info.width,
+                "src_height": info.height,
+                "src_num_frames": info.num_frames,
+                "src_rotation": info.rotation,
+                "src_duration": info.duration,
+                "codec": info.codec,
+            }
+            out.append(_Decoded(raw, per_clip, clip=clip))
+        return out
 
     def _flush(self, batch: list[_Decoded], writer: ShardWriter) -> Progress:
         """Encodes a batch (or, if that fails, each item alone) and writes the results."""
@@ -239,7 +268,8 @@ class ShardEncoder:
                 writer.add_error(item.raw.key, item.raw.index, f"encode failed: {describe_error(result)}", item.fields)
             else:
                 try:
-                    writer.add(item.raw.key, item.raw.index, result, item.fields)
+                    clip = item.fields["clip"] if self.request.multi_clip else None
+                    writer.add(item.raw.key, item.raw.index, result, item.fields, clip)
                     frames += item.fields["num_frames"]
                 except ValueError as e:  # nothing of it was written
                     writer.add_error(item.raw.key, item.raw.index, str(e), item.fields)
@@ -257,7 +287,9 @@ class ShardEncoder:
         x = torch.stack([item.clip.pixels for item in items])  # type: ignore[union-attr]
         x = x.to(self.device, self.dtype, non_blocking=True)
         seed = self.config.vae.seed
-        generators = [torch.Generator().manual_seed(sample_seed(seed, item.raw.key)) for item in items]
+        generators = [
+            torch.Generator().manual_seed(sample_seed(seed, item.raw.key, item.fields["clip"])) for item in items
+        ]
         # Planned per input shape (and cached): untiled when it fits the memory budget.
         plan = plan_encode(self.preset, tuple(x.shape), x.dtype, self.tiling, x.device)
         try:
