@@ -134,7 +134,7 @@ def select_rows(root: Path, keys: list[str] | None, limit: int) -> list[dict[str
         rows = read_metadata(root).to_pylist()
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"{root} has no readable metadata ({e})") from None
-    rows.sort(key=lambda r: (r["shard"] or "", r["index"]))
+    rows.sort(key=lambda r: (r["shard"] or "", r["index"], r.get("clip") or 0))
     ok = [r for r in rows if r["status"] == "ok"]
     if keys is None:
         if not ok:

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from jobs.orchestration.config import JobConfig, UsageError, _choice_fields, load_config
-from jobs.orchestration.settings import fingerprint
+from jobs.demo_data import write_demo_dataset
+from jobs.orchestration.config import JobConfig, UsageError, _choice_fields, apply_override, load_config
+from jobs.orchestration.settings import check_config, clip_request, fingerprint
+from vae import get_preset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_file_and_overrides(tmp_path):
@@ -101,3 +106,40 @@ def test_a_number_in_exponent_form_is_a_number():
     assert load_config(None, ["limits.decode_timeout_s=1e-9"]).limits.decode_timeout_s == 1e-9
     with pytest.raises(UsageError, match="expected a number"):
         load_config(None, ["limits.decode_timeout_s=soon"])
+
+
+def test_the_open_sora_bucket_config_suits_the_causal_vae_only_where_its_frame_rule_holds(tmp_path):
+    (shard,) = write_demo_dataset(tmp_path / "data", shards=1, samples_per_shard=1, seed=0)
+    config = load_config(REPO / "configs" / "opensora-256px.yaml", [f"input=[{shard}]", f"output={tmp_path / 'o'}"])
+    check_config(config)
+    table = clip_request(config, get_preset("hunyuan-vae")).buckets
+    assert table is not None and table.frame_counts() == {1, 33, 65, 97, 129}
+    assert {(b.aspect, b.height, b.width) for b in table.buckets() if b.num_frames == 33} >= {("16:9", 192, 336)}
+    apply_override(config, "vae.name=dc-ae-tiny")  # frames 1 or 4k
+    with pytest.raises(UsageError, match=r"frame counts \[33, 65, 97, 129\] do not suit VAE 'dc-ae-tiny'"):
+        check_config(config)
+    apply_override(config, "video.buckets={256px: {32: [1.0, 2]}}")
+    assert clip_request(config, get_preset("dc-ae-tiny")).buckets.buckets()[0].height % 32 == 0  # auto: x32
+    apply_override(config, "video.bucket_multiple=16")
+    with pytest.raises(
+        UsageError, match="bucket_multiple = 16 is not a multiple of VAE 'dc-ae-tiny''s size multiple 32"
+    ):
+        check_config(config)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("video.buckets={256px: {17: [2.0, 4]}}", r"video.buckets.256px.17: probability must be in \(0, 1\]"),
+        ("video.buckets={big: {17: [1.0, 4]}}", "video.buckets.big: unknown resolution"),
+        ("video.buckets=[1, 2]", "video.buckets: expected a mapping"),
+        ("video.clips=last", "video.clips must be one of first, middle, random, uniform, every"),
+        ("video.fps_max=0", "video.fps_max must be positive"),
+        ("video.max_clips=0", "video.max_clips must be at least 1"),
+    ],
+)
+def test_bad_video_settings_are_named(override, message):
+    config = JobConfig(input=["x.tar"], output="o")
+    with pytest.raises(UsageError, match=message):
+        apply_override(config, override)
+        config.validate()

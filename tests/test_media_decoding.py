@@ -52,6 +52,26 @@ def test_only_the_clip_is_decoded_from_the_keyframe_before_it(tmp_path):
     assert video.frames_decoded == 5
 
 
+SHORT_GOPS = {
+    "h264-open-gop.mp4": make_media.Clip(
+        "libx264", frames=30, options={"g": "6", "x264-params": "open-gop=1:bframes=3"}
+    ),
+    "hevc-open-gop.mkv": make_media.Clip(
+        "libx265", frames=30, options={"x265-params": "log-level=error:keyint=6:min-keyint=6:open-gop=1:bframes=3"}
+    ),
+    "vp9-gop6.webm": make_media.Clip("libvpx-vp9", frames=30, options={"g": "6"}),
+    "av1-gop8.mkv": make_media.Clip("libsvtav1", frames=30, options={"g": "8"}),
+}
+
+
+@pytest.mark.parametrize("name", SHORT_GOPS)
+def test_clips_after_seeking_into_short_and_open_gops(tmp_path, name):
+    path = make_media.write_clip(tmp_path / name, SHORT_GOPS[name])
+    request = ClipRequest(num_frames=5, height=32, width=32, policy="uniform", max_clips=4)
+    clips = read_clips(path.read_bytes(), request)  # starts linspace(0, 25, 4) = 0, 8, 16, 25
+    assert [identities(c.pixels) for c in clips] == [list(range(s, s + 5)) for s in (0, 8, 16, 25)]
+
+
 def test_several_clips_and_a_target_fps(media):
     # 25 frames at 25 fps, at most 12 fps: interval ceil(25 / 12) = 3; 4 frames in a window of 12,
     # linspace(s, s + 11, 4) truncated; uniform: min(8, 25 // 12) = 2 clips at linspace(0, 13, 2).

@@ -174,12 +174,25 @@ FINGERPRINTED = [
     "video.width=96",
     "video.adapt=true",
     "video.extensions=[mp4]",
+    "video.fps_max=12",
+    "video.clips=middle",
+    "video.max_clips=2",
+    "video.clip_every_s=2",
+    "video.buckets={128px: {9: [1.0, 2]}}",
+    "video.bucket_multiple=32",
     "latents.dtype=bfloat16",
     "latents.store_posterior=true",
     "run.batch_size=3",
     "run.cpus_per_worker=2",
 ]
-NOT_FINGERPRINTED = ["run.workers=2", "run.max_attempts=1", "run.decode_threads=1", "run.address=127.0.0.1:6379"]
+NOT_FINGERPRINTED = [
+    "run.workers=2",
+    "run.max_attempts=1",
+    "run.decode_threads=1",
+    "run.address=127.0.0.1:6379",
+    "limits.max_frames=1000",
+    "limits.max_pixels=1000000",
+]
 
 
 def _fingerprint(demo_shards, tmp_path, override: str | None) -> str:

@@ -21,6 +21,7 @@ from fixtures.media import make_media
 from fixtures.media.make_media import Clip, write_clip
 from safetensors.torch import load as load_safetensors
 
+from jobs import reconstruct
 from jobs.dataset.reader import read_metadata
 from jobs.orchestration.driver import prepare_output, run
 from jobs.orchestration.settings import check_config, make_plan
@@ -151,6 +152,19 @@ def test_every_row_has_its_bucket_frames_and_reason(shard, tmp_path):
         with tarfile.open(tar) as t:  # the row's offset points at the same bytes
             f = t.extractfile(f"{sample['__key__']}.safetensors")
             assert f is not None and io.BytesIO(f.read()).getvalue() == sample["safetensors"]
+
+    # Reconstruction re-reads each clip's own frames at its bucket's size (it refuses a shape mismatch).
+    report_dir = tmp_path / "report"
+    assert (
+        reconstruct.main(["--latents", str(tmp_path / "out"), "--output", str(report_dir), "--keys", "h264,phone"]) == 0
+    )
+    report = json.loads((report_dir / "report.json").read_text())
+    assert sorted((s["key"], s["height"], s["width"]) for s in report["samples"]) == [
+        ("h264", 96, 176),
+        ("h264", 96, 176),
+        ("phone", 176, 96),
+    ]
+    assert len({s["video"] for s in report["samples"]}) == 3
 
 
 @pytest.mark.slow
