@@ -13,4 +13,18 @@ Entrypoints (each module's docstring starts with its command):
 
 Every layer may use `vae` (the models); none of `inputs`, `dataset` and `quality` imports Ray or
 `orchestration` (tests/test_layers.py checks the arrows).
+
+For training: `from jobs import LatentDataset, BucketBatchSampler, collate` (jobs/dataset/training.py).
 """
+
+from typing import Any
+
+__all__ = ["BucketBatchSampler", "LatentDataset", "collate", "latent_stream"]
+
+
+def __getattr__(name: str) -> Any:  # the training side loads only when asked for
+    if name in __all__:
+        from jobs.dataset import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'jobs' has no attribute {name!r}")

@@ -7,6 +7,8 @@ sampling by timestamps and turning by the display matrix.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from fixtures.media.make_media import VFR_TIMES_MS, frame_index
 
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
 from jobs.inputs.sampling import ClipRequest
-from jobs.inputs.video import DecodeLimits, VideoError, VideoFile, read_clips
+from jobs.inputs.video import DecodeLimits, VideoError, VideoFile, image_size, read_clips
 
 VIDEOS = [name for name in make_media.CLIPS if not name.startswith(("vfr", "rotate"))]
 
@@ -142,6 +144,17 @@ def test_frame_and_pixel_limits(media):
     assert VideoFile(media["h264.mp4"], DecodeLimits(max_frames=25)).source.num_frames == 25
     with pytest.raises(VideoError, match=r"frames of 641x359 are over limits.max_pixels = 230000"):
         VideoFile(media["vp9-odd.webm"], DecodeLimits(max_pixels=230_000))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_before_ffmpeg_decodes_it(media):
+    # A png header claiming 16000x16000 (FFmpeg would decode it while opening: 768 MB of pixels).
+    ihdr = b"IHDR" + (16000).to_bytes(4, "big") * 2 + bytes([8, 2, 0, 0, 0])
+    png = b"\x89PNG\r\n\x1a\n" + (13).to_bytes(4, "big") + ihdr + zlib.crc32(ihdr).to_bytes(4, "big")
+    with pytest.raises(VideoError, match=r"frames of 16000x16000 are over limits.max_pixels = 67108864"):
+        VideoFile(png, DecodeLimits(max_pixels=8192 * 8192))
+    assert [image_size(media[f"image.{x}"]) for x in ("jpg", "png", "webp")] == [(160, 96)] * 3
+    with pytest.raises(VideoError, match=r"cannot open image \(\d+ bytes\): no size in its header"):
+        VideoFile(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(40))
 
 
 def test_a_decoding_process_returns_every_clip_of_a_sample(media):

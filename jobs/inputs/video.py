@@ -106,6 +106,35 @@ def container_format(data: bytes) -> str | None:
     return None
 
 
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """`(width, height)` from a png, jpeg or webp header, read without decoding; None if not found."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
+        kind = data[12:16]
+        if kind == b"VP8X":  # canvas size minus one, 24-bit little-endian
+            return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        if kind == b"VP8 ":  # lossy: 14-bit sizes after the key frame's start code
+            return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+        if kind == b"VP8L":  # lossless: 14-bit sizes minus one, packed after the signature byte
+            bits = int.from_bytes(data[21:25], "little")
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        return None
+    if data[:2] == b"\xff\xd8":  # jpeg: walk the segments to a start-of-frame marker
+        at = 2
+        while at + 9 <= len(data):
+            if data[at] != 0xFF:
+                return None
+            marker = data[at + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                at += 2
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+    return None
+
+
 class VideoFile:
     """An encoded sample, probed: its `info`, its `source` (what sampling needs), and its clips.
 
@@ -125,6 +154,11 @@ class VideoFile:
                 f"({', '.join(CONTAINERS.values())}); it starts with {data[:12]!r}"
             )
         self.image = self.format in IMAGE_FORMATS
+        if self.image:  # FFmpeg decodes an image while it opens it: its size is checked first
+            size = image_size(data)
+            if size is None:
+                raise VideoError(f"cannot open image ({len(data)} bytes): no size in its header")
+            self._check_size(*size)
         with _ffmpeg_log() as log, self._open() as container:
             stream = container.streams.video[0]
             self.time_base = float(stream.time_base or 0)
@@ -184,6 +218,7 @@ class VideoFile:
         times: array[float] = array("d")
         first = None
         limit = self.limits.max_frames
+        self._check_size(stream.codec_context.width, stream.codec_context.height)  # before any frame is decoded
         try:
             for packet in container.demux(stream):
                 if packet.size == 0:  # the demuxer's end-of-stream packet
@@ -211,9 +246,12 @@ class VideoFile:
         return times, first
 
     def _check_frame(self, frame: av.VideoFrame) -> None:
+        self._check_size(frame.width, frame.height)
+
+    def _check_size(self, width: int, height: int) -> None:
         m = self.limits.max_pixels
-        if m is not None and frame.width * frame.height > m:
-            raise VideoError(f"frames of {frame.width}x{frame.height} are over limits.max_pixels = {m}")
+        if m is not None and width * height > m:
+            raise VideoError(f"frames of {width}x{height} are over limits.max_pixels = {m}")
 
     def _check_time(self, decoded: int) -> None:
         t = self.limits.timeout
