@@ -50,6 +50,7 @@ demo: install
 	$(PY) -m jobs.demo_data --output $(DEMO_DIR)/data --shards 4 --samples-per-shard 6
 	$(PY) -m jobs.precompute --config configs/demo.yaml \
 	  --input '$(DEMO_DIR)/data/shard-{000000..000003}.tar' --output $(DEMO_DIR)/latents
+	$(PY) -m jobs.validate $(DEMO_DIR)/latents
 	$(PY) -m jobs.reconstruct --latents $(DEMO_DIR)/latents --output $(DEMO_DIR)/reconstructions --limit 4
 
 # Retrains the committed demo VAE (about 15 minutes on one CPU core).

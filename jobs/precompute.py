@@ -12,7 +12,7 @@ settings are skipped, so rerunning the same command resumes an interrupted job. 
 0 when every shard is committed (samples that could not be encoded are error rows, not
 failures); 1 when some shard could not be written, or on any unexpected failure (with its
 traceback); 2 for unusable arguments or settings, or a checkpoint that does not fit the VAE
-(a one-line reason); 130 when interrupted.
+(a one-line reason); 130 when interrupted, 143 on SIGTERM (committed shards are kept either way).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from jobs.orchestration.config import JobConfig, RunFailed, UsageError, load_config
+from jobs.orchestration.config import JobConfig, RunFailed, Terminated, UsageError, load_config
 from jobs.orchestration.driver import run
 from vae import CheckpointError, list_presets
 from vae.diffusers_folder import SUPPORTED_CLASSES
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:  # the run could not go on, for a reason one line says
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated:  # a preemption, `ray job stop`
+        print("\nterminated (SIGTERM): committed shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\ninterrupted: committed shards are kept; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -14,6 +14,18 @@ import ray
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
 
+# One line per scenario of tests/test_chaos.py, printed after the run.
+CHAOS_LINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if CHAOS_LINES:
+        terminalreporter.section("chaos scenarios (against a clean run)")
+        for line in CHAOS_LINES:
+            terminalreporter.write_line(line)
+        clean = sum(line.endswith("lost 0, doubled 0, files differing 0, temporaries 0") for line in CHAOS_LINES)
+        terminalreporter.write_line(f"{clean} of {len(CHAOS_LINES)} scenarios ended exactly as the clean run")
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -59,3 +71,17 @@ def kill_session(sid: int) -> None:
         if not alive:
             return
         time.sleep(0.1)
+
+
+def encoder_pids() -> list[int]:
+    """Processes whose title Ray set to an encoder actor running a shard."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::ShardEncoder.encode_shard"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import duckdb
@@ -35,7 +37,7 @@ def test_commit_writes_all_files_and_no_temporaries(tmp_path):
     writer, tensors = _write(tmp_path)
     marker = writer.commit()
     names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert names == ["_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]
+    assert names == ["_commits/.part-0.lock", "_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]
     assert marker["samples"] == 4 and marker["ok"] == 3 and marker["errors"] == 1 and marker["frames"] == 24
     assert read_commit(tmp_path, "part-0") == marker
 
@@ -105,7 +107,8 @@ def test_parquet_is_deterministic(tmp_path):
 
 
 def _files(root):
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """Every file but the shards' commit locks (empty files that only ever get locked)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
 @pytest.mark.parametrize("blocked", ["meta/part-0.parquet", "_commits/part-0.json"])
@@ -119,6 +122,34 @@ def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
     writer.abort()
     assert _files(tmp_path) == [f"{blocked}/x"]  # no tar, no Parquet file, no marker, no temporary
     assert read_commit(tmp_path, "part-0") is None
+
+
+def test_a_late_attempt_never_rewrites_a_committed_shard(tmp_path):
+    """A "zombie" attempt (its shard was retried elsewhere and committed) finishes after: it keeps
+    nothing of its own and returns the committed marker; the committed files are untouched."""
+    first, _ = _write(tmp_path)
+    late, _ = _write(tmp_path)  # started before the first one committed
+    marker = first.commit()
+    paths = [tmp_path / p for p in ("_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet")]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths]
+    assert late.commit() == marker
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in paths] == before
+    assert _files(tmp_path) == ["_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]
+
+
+def test_a_commit_waits_for_the_shards_commit_lock(tmp_path):
+    writer, _ = _write(tmp_path)
+    lock = tmp_path / "_commits" / ".part-0.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another attempt is committing this shard
+        thread = threading.Thread(target=writer.commit)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive() and read_commit(tmp_path, "part-0") is None
+        fcntl.flock(held, fcntl.LOCK_UN)
+    thread.join(10)
+    assert not thread.is_alive() and read_commit(tmp_path, "part-0") is not None
 
 
 def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def test_every_sample_is_encoded(clean_run, demo_shards):
     out, summary = clean_run
     assert summary.complete and summary.ok == 12 and summary.errors == 0 and summary.frames == 12 * 8
     assert summary.shards_written == 3 and summary.shards_skipped == 0
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".lock")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
     assert files == sorted(
         ["job.json", "manifest.json"]
         + [f"{d}/shard-00000{i}.{ext}" for i in range(3) for d, ext in [("latents", "tar"), ("meta", "parquet")]]
@@ -386,7 +386,7 @@ def test_a_shard_that_cannot_be_read_fails_and_is_never_committed(ray_cluster, d
     printed = capsys.readouterr().out
     failed = next(line for line in printed.splitlines() if "FAILED shard gone" in line)
     assert "2 attempts, last: ShardReadError: reading" in failed and "exit 1" in failed, failed
-    assert sorted(p.name for p in (out / "_commits").iterdir()) == [f"{good.stem}.json"]
+    assert sorted(p.name for p in (out / "_commits").glob("*.json")) == [f"{good.stem}.json"]
     assert not (out / "latents" / "gone.tar").exists() and not (out / "manifest.json").exists()
     missing.write_bytes(good.read_bytes())  # the source is back: a rerun does the failed shard only
     assert main([*argv, "--input", f"pipe:cat {missing}", "--input", str(good)]) == 0
@@ -407,6 +407,17 @@ def test_a_rerun_with_other_inputs_adds_to_the_manifest_and_job_file(ray_cluster
     assert [s["name"] for s in manifest["shards"]] == [demo_shards[0].stem, demo_shards[1].stem]
     assert manifest["samples"] == 8
     assert json.loads((out / "job.json").read_text())["inputs"] == [str(demo_shards[0]), str(demo_shards[1])]
+
+
+def test_adding_shards_and_rerunning_encodes_only_the_new_ones(ray_cluster, demo_shards, tmp_path):
+    out = tmp_path / "out"
+    run(small_config(demo_shards[:2], out))
+    before = {p: p.stat().st_mtime_ns for p in (out / "latents").glob("*.tar")}
+    summary = run(small_config(demo_shards, out))  # one shard more
+    assert (summary.shards_skipped, summary.shards_written, summary.ok) == (2, 1, 4)
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the committed ones untouched
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == [s.stem for s in demo_shards] and manifest["samples"] == 12
 
 
 def test_a_manifest_that_cannot_be_written_fails_the_run_and_leaves_no_temporary(ray_cluster, demo_shards, tmp_path):

@@ -8,27 +8,13 @@ import threading
 import time
 
 import pytest
-from conftest import small_config
+from conftest import encoder_pids, small_config
 
 from jobs.dataset.reader import read_metadata
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.driver import run
 
 pytestmark = pytest.mark.slow
-
-
-def _encoder_pids() -> list[int]:
-    """Processes whose title Ray set to an encoder actor running a shard."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::ShardEncoder.encode_shard"):
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
@@ -38,7 +24,7 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
     def kill_one_busy_actor() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            for pid in _encoder_pids():
+            for pid in encoder_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return

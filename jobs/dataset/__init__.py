@@ -4,6 +4,7 @@ DIR/job.json                       resolved config, fingerprint, VAE identity   
 DIR/latents/<name>.tar             per input shard: `<stem>.safetensors` + `<stem>.json` per ok clip
 DIR/meta/<name>.parquet            per input shard: one row per clip (ok) or failed sample (error)
 DIR/_commits/<name>.json           commit marker, written last                    (writer.py, catalog.py)
+DIR/_commits/.<name>.lock          held by the one attempt committing the shard   (writer.py)
 DIR/manifest.json                  written when every shard is committed          (catalog.py)
 DIR/.lock                          held by the one job writing the directory      (catalog.py)
 
@@ -12,5 +13,6 @@ atomic.py    temporary names, fsync and rename: how a file appears complete or n
 writer.py    `ShardWriter`: one latent tar + its Parquet file + its commit marker, atomically
 catalog.py   job.json, commit markers, manifest.json and the lock: which shards are done, and how
 reader.py    `read_metadata`, `load_sample` (random access by byte range), `iter_shard`
+faults.py    fault injection for the failure tests (off unless LATENT_PRECOMPUTE_FAULT is set)
 training.py  `LatentDataset`, `BucketBatchSampler`, `collate`, `latent_stream`: the trainer's side
 """

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.dataset.atomic import write_json_atomic
+from jobs.dataset.atomic import sync_dir, write_json_atomic
 from jobs.dataset.layout import COMMITS_DIR, DATA_DIRS, JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles, is_temporary
 from vae.checkpoint import file_sha256
 
@@ -125,6 +125,17 @@ def committed(
     if marker is None or marker.get("fingerprint") != fingerprint or marker.get("source") != source:
         return None
     return marker
+
+
+def withdraw_commit(root: str | Path, name: str) -> bool:
+    """Removes a shard's commit marker (one that no longer stands for its files); True if there was one."""
+    path = Path(root) / ShardFiles(name).commit
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    sync_dir(path.parent)
+    return True
 
 
 def committed_markers(root: str | Path, fingerprint: str) -> list[dict[str, Any]]:

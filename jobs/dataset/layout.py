@@ -98,6 +98,12 @@ class ShardFiles:
     def commit(self) -> str:
         return f"{COMMITS_DIR}/{self.name}.json"
 
+    @property
+    def lock(self) -> str:
+        """Held by the attempt committing the shard (an empty file, kept: it is only ever locked)."""
+        folder, _, base = f"{COMMITS_DIR}/{self.name}".rpartition("/")
+        return f"{folder}/.{base}.lock"
+
 
 _UNSAFE_PART = re.compile(r"^\.{1,2}$|[\x00-\x1f\x7f\\]")
 MAX_MEMBER_STEM = 200  # bytes: a tar member name, and a file name when extracted, stay well under 255

@@ -9,6 +9,7 @@ resumed job ends with the same files as an uninterrupted one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -16,6 +17,8 @@ import os
 import socket
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +28,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from jobs.dataset.atomic import sync_close, sync_dir, temp_path, write_json_atomic
+from jobs.dataset.catalog import read_commit
+from jobs.dataset.faults import fault
 from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
 from vae.checkpoint import file_sha256
 from vae.errors import describe_error
@@ -117,6 +122,7 @@ class ShardWriter:
         return tmp
 
     def _add_member(self, name: str, data: bytes) -> int:
+        fault("disk-full")
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         self._tar.addfile(info, io.BytesIO(data))
@@ -191,7 +197,12 @@ class ShardWriter:
     def commit(self) -> dict[str, Any]:
         """Completes the tar and the Parquet file under temporary names (each fsynced), renames
         both into place, then writes the commit marker: the commit point. Until the marker
-        exists nothing of this shard counts as written, and `abort` removes what was placed."""
+        exists nothing of this shard counts as written, and `abort` removes what was placed.
+
+        The renames and the marker happen under the shard's commit lock, and only if no attempt
+        has committed the shard yet: a late ("zombie") attempt of a shard that was retried and
+        committed elsewhere drops its own files and returns the committed marker, so a committed
+        shard is never rewritten."""
         self._tar.close()
         sync_close(self._raw)
         tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
@@ -205,12 +216,32 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
+        with self._commit_lock():
+            existing = read_commit(self.root, self.files.name)
+            if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:
+                self.abort()  # another attempt committed this shard: its files stay as they are
+                return existing
+            return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
 
+    @contextmanager
+    def _commit_lock(self) -> Iterator[None]:
+        """An exclusive lock on `_commits/.<name>.lock`, held by one committing attempt at a time."""
+        path = self.root / self.files.lock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _place(self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int) -> dict[str, Any]:
         for tmp, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
             os.replace(tmp, self.root / rel)
             self._placed.append(self.root / rel)
         for directory in {p.parent for p in self._placed}:
             sync_dir(directory)  # the data files' names are on disk before a marker names them
+        fault("before-marker")
 
         ok = sum(r["status"] == "ok" for r in self.rows)
         marker = {

@@ -38,6 +38,10 @@ class RunFailed(RuntimeError):
     """The run cannot go on, for a reason one line says (no encoder actor could start): exit status 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """The driver got SIGTERM (a preemption, `ray job stop`): it stops as on Ctrl-C, exit status 143."""
+
+
 @dataclass
 class TilingSection:
     # auto: untiled when the clip fits the memory budget, else exact temporal chunks, else tiles;

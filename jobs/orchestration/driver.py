@@ -12,6 +12,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -24,6 +25,7 @@ from jobs.dataset.catalog import (
     committed,
     existing_job,
     output_lock,
+    withdraw_commit,
     write_job,
     write_manifest,
 )
@@ -47,15 +49,15 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
     """
     started = time.monotonic()
     shards = check_config(config, allow_shell)
-    owns_ray = connect(config.run.address)
-    try:
-        resources = ray.cluster_resources()
-        plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0, allow_shell=allow_shell)
-        with ExitStack() as held:
-            try:
-                held.enter_context(output_lock(plan.root))
-            except DatasetBusy as e:
-                raise UsageError(str(e)) from None
+    with ExitStack() as held:
+        try:  # before the cluster starts: a second job on the same directory is refused at once
+            held.enter_context(output_lock(Path(config.output).resolve()))
+        except DatasetBusy as e:
+            raise UsageError(str(e)) from None
+        owns_ray = connect(config.run.address)
+        try:
+            resources = ray.cluster_resources()
+            plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0, allow_shell=allow_shell)
             prepare_output(plan)
             summary = Summary(output=str(plan.root), fingerprint=plan.fingerprint)
             pending = _pending(plan, shards)
@@ -78,9 +80,9 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
             remove_temporaries(plan.root)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
-    finally:
-        if owns_ray:
-            ray.shutdown()
+        finally:
+            if owns_ray:
+                ray.shutdown()
     summary.seconds = time.monotonic() - started
     return summary
 
@@ -118,10 +120,19 @@ def _committed(plan: Plan, shard: Shard, verify: bool = False) -> dict[str, Any]
 
 
 def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
-    """The shards to encode: those without a marker of this job whose files match its checksums."""
+    """The shards to encode: those without a marker of this job whose files match its checksums.
+
+    The marker of such a shard (its files corrupted, other settings) is removed first: the shard is
+    not committed, and a marker left in place would make its new attempt take it for committed."""
     with ThreadPoolExecutor(8) as pool:
         done = list(pool.map(lambda s: _committed(plan, s, verify=True) is not None, shards))
-    return [s for s, d in zip(shards, done) if not d]
+    pending = [s for s, d in zip(shards, done) if not d]
+    for shard in pending:
+        if withdraw_commit(plan.root, shard.name):
+            log.warning(
+                "shard %s: its commit marker does not match its files or settings; encoding it again", shard.name
+            )
+    return pending
 
 
 def _count(shards: list[Shard]) -> int:

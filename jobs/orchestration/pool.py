@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from collections import Counter, deque
 from typing import Any
 
@@ -18,7 +21,7 @@ import ray
 import ray.exceptions
 
 from jobs.inputs.shards import Shard
-from jobs.orchestration.config import RunConfig, RunFailed
+from jobs.orchestration.config import RunConfig, RunFailed, Terminated
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan
 from jobs.orchestration.worker import Progress, ShardDone, ShardEncoder
@@ -28,7 +31,11 @@ log = logging.getLogger("jobs.precompute")
 
 
 def connect(address: str | None) -> bool:
-    """Joins the given cluster (or RAY_ADDRESS's); else starts an embedded one. True if we started it."""
+    """Joins the given cluster (or RAY_ADDRESS's); else starts an embedded one. True if we started it.
+
+    A SIGTERM then raises `Terminated` in the driver (Ray's own handler would exit at once), so the
+    run stops as on Ctrl-C: the actors are ended, what is committed stays, the directory resumes.
+    """
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -36,10 +43,16 @@ def connect(address: str | None) -> bool:
     if address:
         ray.init(address=address, **quiet)
         print(f"joined the Ray cluster at {address}", file=sys.stderr)
-        return False
-    ray.init(address="local", include_dashboard=False, **quiet)
-    print("started an embedded Ray cluster (give --address or RAY_ADDRESS to join one)", file=sys.stderr)
-    return True
+    else:
+        ray.init(address="local", include_dashboard=False, **quiet)
+        print("started an embedded Ray cluster (give --address or RAY_ADDRESS to join one)", file=sys.stderr)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+    return not address
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated("SIGTERM")
 
 
 class EncoderPool:
@@ -80,16 +93,22 @@ class EncoderPool:
             print(f"started {len(self.actors)} of {count} encoder actors; the others: {failures[0]}", file=sys.stderr)
         log.info("%d encoder actors ready on %s", len(self.actors), ", ".join(sorted(set(devices))))
 
-    def replace(self, actor: Any) -> Any | None:
-        """Kills a failed actor and returns a new one (None once replacements are used up)."""
-        ray.kill(actor, no_restart=True)
-        self.actors.remove(actor)
+    def replace(self, actor: Any) -> tuple[Any, Any] | None:
+        """Kills a failed actor and starts a new one: `(actor, its ready() ref)`, to be given shards
+        once that ref resolves (a node lost may leave no room to place it); None once replacements
+        are used up."""
+        self.drop(actor)
         if self.replacements_left <= 0:
             return None
         self.replacements_left -= 1
         fresh = self._remote.remote(*self._args)
         self.actors.append(fresh)
-        return fresh
+        return fresh, fresh.ready.remote()
+
+    def drop(self, actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        if actor in self.actors:
+            self.actors.remove(actor)
 
     def shutdown(self) -> None:
         for actor in self.actors:
@@ -135,13 +154,28 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     frames: Counter[str] = Counter()
     idle = list(pool.actors)
     running: dict[Any, tuple[Any, Shard]] = {}
-    while running or (queue and idle):
+    starting: dict[Any, tuple[Any, float]] = {}  # replacements being placed: ready() ref -> (actor, deadline)
+    timeout = plan.config.run.actor_start_timeout
+    while running or (queue and (idle or starting)):
         while idle and queue:
             actor, shard = idle.pop(), queue.popleft()
             attempts[shard.name] += 1
             running[actor.encode_shard.options(num_returns="streaming").remote(shard)] = (actor, shard)
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
-        for gen in ready:
+        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
+        for ref in [r for r in ready if r in starting]:
+            actor, _ = starting.pop(ref)
+            try:
+                ray.get(ref)
+                idle.append(actor)
+            except ray.exceptions.RayError as e:
+                log.warning("a replacement encoder actor failed to start: %s", creation_error(e))
+                pool.drop(actor)
+        for ref, (actor, deadline) in list(starting.items()):
+            if time.monotonic() > deadline:  # no room left for it (a node was lost): the others go on
+                log.warning("a replacement encoder actor was not placed within %g s; going on without it", timeout)
+                del starting[ref]
+                pool.drop(actor)
+        for gen in [r for r in ready if r in running]:
             actor, shard = running[gen]
             try:
                 message = ray.get(next(gen))
@@ -151,9 +185,11 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 continue
             except (ray.exceptions.RayError, OSError) as e:
                 del running[gen]
-                if isinstance(e, ray.exceptions.RayActorError):
-                    actor = pool.replace(actor)  # the process died: the next attempt gets a fresh one
-                if actor is not None:
+                if isinstance(e, ray.exceptions.RayActorError):  # the process (or its node) died
+                    fresh = pool.replace(actor)
+                    if fresh is not None:
+                        starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
+                else:
                     idle.append(actor)
                 bar.update(samples=-counted.pop(shard.name, 0), frames=-frames.pop(shard.name, 0))
                 reason = describe_error(e)
@@ -184,7 +220,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                     queue.clear()  # the shards running now finish and commit; the rest wait for a rerun
         bar.update()
     for shard in queue:  # only when every actor died and none could replace it
-        summary.failed[shard.name] = "no encoder actor left (each one died; see the Ray logs)"
+        summary.failed[shard.name] = "no encoder actor left (each one died or could not be placed; see the Ray logs)"
 
 
 def over_budget(summary: Summary, run: RunConfig) -> str | None:

@@ -1,0 +1,37 @@
+"""Fault injection for the failure tests: a crash or a full disk at a named point of a commit.
+
+Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's processes):
+
+    LATENT_PRECOMPUTE_FAULT=before-marker            SIGKILL the writing process after the data
+                                                     files are in place, before the commit marker
+    LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
+    LATENT_PRECOMPUTE_FAULT=before-marker@/tmp/once  the same, only the first time (the flag file
+                                                     is created when it fires; later attempts pass)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
+POINTS = ("before-marker", "disk-full")
+
+
+def fault(point: str) -> None:
+    """Fires the fault `point` if the environment asks for it (a no-op otherwise)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    name, _, once = spec.partition("@")
+    if name != point:
+        return
+    if once:
+        try:
+            os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return  # fired already
+    if point == "disk-full":
+        raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}={spec})")
+    os.kill(os.getpid(), signal.SIGKILL)
