@@ -21,9 +21,7 @@ Exit status: 0 when nothing is wrong (an unfinished job is not wrong: it says ho
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import os
 import struct
 import sys
 import tarfile
@@ -33,11 +31,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from jobs.dataset.catalog import MANIFEST_FIELDS, DatasetError, read_job
+from jobs.dataset.catalog import MANIFEST_FIELDS, DatasetError, lock_held, read_job
 from jobs.dataset.layout import (
     COMMITS_DIR,
     LATENTS_DIR,
-    LOCK_FILE,
     MANIFEST_FILE,
     META_DIR,
     SCHEMA,
@@ -95,7 +92,7 @@ def validate(root: str | Path, quick: bool = False) -> Report:
                 report.temporaries += 1
             else:
                 report.problems.append(f"{path.relative_to(root)}: stray file, no commit marker names it")
-    if _locked(root):
+    if lock_held(root):
         report.notes.append("a job is writing this directory now: what it has not committed is not counted")
     return report
 
@@ -230,21 +227,6 @@ def _check_manifest(root: Path, markers: dict[str, dict[str, Any]], fingerprint:
             report.problems.append(
                 f"{MANIFEST_FILE}: its entry for {name} differs from the marker in {', '.join(changed)}"
             )
-
-
-def _locked(root: Path) -> bool:
-    """Whether a job holds the directory's lock (without creating the lock file)."""
-    try:
-        fd = os.open(root / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-ENTRYPOINTS = {"jobs.precompute", "jobs.reconstruct", "jobs.validate", "jobs.demo_data", "jobs.train_demo_vae"}
+ENTRYPOINTS = {
+    "jobs.precompute",
+    "jobs.reconstruct",
+    "jobs.validate",
+    "jobs.status",
+    "jobs.demo_data",
+    "jobs.train_demo_vae",
+}
 DATA_IO = ("jobs.inputs", "jobs.dataset", "jobs.quality")
 # The modules of `vae` that read files; the rest (the models, tiling and planning) do no I/O.
 VAE_IO = {"vae", "vae.checkpoint", "vae.loading", "vae.families", "vae.diffusers_folder", "vae.registry"}

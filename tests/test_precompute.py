@@ -55,7 +55,7 @@ def test_every_sample_is_encoded(clean_run, demo_shards):
     assert summary.shards_written == 3 and summary.shards_skipped == 0
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
     assert files == sorted(
-        ["job.json", "manifest.json"]
+        ["job.json", "manifest.json", "report.json"]
         + [f"{d}/shard-00000{i}.{ext}" for i in range(3) for d, ext in [("latents", "tar"), ("meta", "parquet")]]
         + [f"_commits/shard-00000{i}.json" for i in range(3)]
     )

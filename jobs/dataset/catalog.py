@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -176,3 +177,18 @@ def output_lock(root: Path) -> Iterator[None]:
         except BlockingIOError:
             raise DatasetBusy(f"another precompute job is writing to {root}") from None
         yield
+
+
+def lock_held(root: str | Path) -> bool:
+    """Whether a job holds the directory's lock now (asked without creating the lock file)."""
+    try:
+        fd = os.open(Path(root) / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)

@@ -21,6 +21,7 @@ META_DIR = "meta"
 COMMITS_DIR = "_commits"
 JOB_FILE = "job.json"
 MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.json"  # figures of the last run (the driver writes it; `jobs.status` reads it)
 LOCK_FILE = ".lock"
 TMP_SUFFIX = ".tmp"  # hidden temporaries: `.<final name>.<random>.tmp` beside the final file
 DATA_DIRS = (LATENTS_DIR, META_DIR, COMMITS_DIR)

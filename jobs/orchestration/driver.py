@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 
-from jobs.dataset.atomic import remove_temporaries
+from jobs.dataset.atomic import remove_temporaries, write_json_atomic
 from jobs.dataset.catalog import (
     DatasetBusy,
     DatasetError,
@@ -29,8 +29,9 @@ from jobs.dataset.catalog import (
     write_job,
     write_manifest,
 )
+from jobs.dataset.layout import REPORT_FILE
 from jobs.inputs.shards import Shard, count_samples
-from jobs.orchestration.config import JobConfig, UsageError
+from jobs.orchestration.config import JobConfig, Terminated, UsageError
 from jobs.orchestration.pool import EncoderPool, connect, schedule, worker_count
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan, check_config, differences, make_plan
@@ -74,17 +75,33 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 bar = ProgressBar(total, len(pending))
                 try:
                     schedule(plan, pending, pool, bar, summary)
+                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
+                    summary.interrupted = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
+                    _write_report(plan, summary, started)
+                    raise
                 finally:
                     bar.close()
                     pool.shutdown()
             remove_temporaries(plan.root)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
+            _write_report(plan, summary, started)
         finally:
             if owns_ray:
                 ray.shutdown()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _write_report(plan: Plan, summary: Summary, started: float) -> None:
+    """`DIR/report.json`: the figures of the last run (what `python -m jobs.status` shows)."""
+    summary.seconds = time.monotonic() - started
+    report = {
+        **summary.report(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": sys.argv,
+    }
+    write_json_atomic(plan.root / REPORT_FILE, report)
 
 
 def prepare_output(plan: Plan) -> None:

@@ -152,14 +152,22 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     attempts: Counter[str] = Counter()
     counted: Counter[str] = Counter()  # samples reported so far by a shard's current attempt
     frames: Counter[str] = Counter()
+    errored: Counter[str] = Counter()
     idle = list(pool.actors)
     running: dict[Any, tuple[Any, Shard]] = {}
     starting: dict[Any, tuple[Any, float]] = {}  # replacements being placed: ready() ref -> (actor, deadline)
     timeout = plan.config.run.actor_start_timeout
+    labels: dict[Any, str] = {}  # actor id -> "w0", "w1", ... (a replacement gets a new one)
+    dispatched: dict[str, float] = {}  # shard -> when its current attempt started
+
+    def label(actor: Any) -> str:
+        return labels.setdefault(actor._actor_id, f"w{len(labels)}")
+
     while running or (queue and (idle or starting)):
         while idle and queue:
             actor, shard = idle.pop(), queue.popleft()
             attempts[shard.name] += 1
+            dispatched[shard.name] = time.monotonic()
             running[actor.encode_shard.options(num_returns="streaming").remote(shard)] = (actor, shard)
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
         for ref in [r for r in ready if r in starting]:
@@ -191,7 +199,12 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                         starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
                 else:
                     idle.append(actor)
-                bar.update(samples=-counted.pop(shard.name, 0), frames=-frames.pop(shard.name, 0))
+                bar.update(
+                    samples=-counted.pop(shard.name, 0),
+                    frames=-frames.pop(shard.name, 0),
+                    errors=-errored.pop(shard.name, 0),
+                    actor=label(actor),
+                )
                 reason = describe_error(e)
                 if attempts[shard.name] < plan.config.run.max_attempts:
                     log.warning("shard %s failed (attempt %d): %s; retrying", shard.name, attempts[shard.name], reason)
@@ -202,11 +215,21 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
             if isinstance(message, Progress):
                 counted[shard.name] += message.samples
                 frames[shard.name] += message.frames
-                bar.update(samples=message.samples, frames=message.frames)
+                errored[shard.name] += message.errors
+                bar.update(message.samples, message.frames, errors=message.errors, actor=label(actor))
             elif isinstance(message, ShardDone):
                 counted.pop(shard.name, None)
                 frames.pop(shard.name, None)
+                errored.pop(shard.name, None)
                 marker = message.marker
+                seconds = time.monotonic() - dispatched.pop(shard.name)
+                summary.shard_seconds[shard.name] = seconds
+                summary.shard_samples[shard.name] = marker["samples"]
+                summary.bytes_written += marker["latents"]["bytes"] + marker["meta"]["bytes"]
+                stats = summary.actors.setdefault(label(actor), {"samples": 0, "shards": 0, "seconds": 0.0})
+                stats["samples"] += marker["samples"]
+                stats["shards"] += 1
+                stats["seconds"] = round(stats["seconds"] + seconds, 3)
                 summary.ok += marker["ok"]
                 summary.errors += marker["errors"]
                 summary.frames += marker["frames"]

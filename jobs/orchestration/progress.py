@@ -6,7 +6,15 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def format_seconds(seconds: float) -> str:
@@ -19,10 +27,11 @@ def format_seconds(seconds: float) -> str:
 
 
 class ProgressBar:
-    """Samples done of total, rate and ETA.
+    """Samples done of total, errors, rates and ETA.
 
     On a terminal the line is redrawn in place at most `refresh` times a second; elsewhere
-    (`ray job logs`, CI, a file) a plain line is printed every `log_every` seconds.
+    (`ray job logs -f`, CI, a file) a plain line is printed every `log_every` seconds, with each
+    encoder actor's rate after it (no carriage returns).
     """
 
     def __init__(
@@ -38,14 +47,18 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = refresh if self.tty else log_every
-        self.samples = self.frames = self.shards_done = 0
+        self.samples = self.frames = self.shards_done = self.errors = 0
+        self.per_actor: Counter[str] = Counter()  # samples by encoder actor ("w0", "w1", ...)
         self.start = time.monotonic()
         self._last = 0.0
 
-    def update(self, samples: int = 0, frames: int = 0, shards: int = 0) -> None:
+    def update(self, samples: int = 0, frames: int = 0, shards: int = 0, errors: int = 0, actor: str = "") -> None:
         self.samples += samples
         self.frames += frames
         self.shards_done += shards
+        self.errors += errors
+        if actor and samples:
+            self.per_actor[actor] += samples
         self.total = max(self.total, self.samples)
         now = time.monotonic()
         if now - self._last >= self.interval:
@@ -61,15 +74,20 @@ class ProgressBar:
         eta = format_seconds((self.total - self.samples) / rate) if rate > 0 else "?"
         return (
             f"{self.samples}/{self.total} samples {pct:5.1f}% |{'#' * filled}{'.' * (width - filled)}| "
-            f"{rate:.2f} samples/s, {self.frames / elapsed:.1f} frames/s, "
+            f"{self.errors} errors, {rate:.2f} samples/s, {self.frames / elapsed:.1f} frames/s, "
             f"ETA {eta}, shards {self.shards_done}/{self.shards}, {format_seconds(elapsed)} elapsed"
         )
+
+    def actors_line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        return ", ".join(f"{a} {n / elapsed:.2f}/s" for a, n in sorted(self.per_actor.items()))
 
     def _draw(self) -> None:
         if self.tty:
             self.stream.write("\r\033[K" + self.line())
         else:
-            self.stream.write(self.line() + "\n")
+            actors = self.actors_line()
+            self.stream.write(self.line() + (f" | per actor: {actors}" if actors else "") + "\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -93,10 +111,50 @@ class Summary:
     error_reasons: list[str] = field(default_factory=list)
     reason_kinds: Counter[str] = field(default_factory=Counter)  # error rows by reason, numbers elided
     stopped: str | None = None  # why the job stopped before every shard was done (the error budget)
+    interrupted: str | None = None  # Ctrl-C or SIGTERM: what is committed stays
+    shard_seconds: dict[str, float] = field(default_factory=dict)  # committed shard -> seconds of its attempt
+    shard_samples: dict[str, int] = field(default_factory=dict)
+    bytes_written: int = 0  # latent tars and Parquet files committed by this run
+    actors: dict[str, dict[str, float]] = field(default_factory=dict)  # "w0" -> samples, shards, seconds busy
 
     @property
     def complete(self) -> bool:
-        return not self.failed and self.stopped is None
+        return not self.failed and self.stopped is None and self.interrupted is None
+
+    def slowest(self, n: int = 5) -> list[tuple[str, float]]:
+        return sorted(self.shard_seconds.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+    def report(self) -> dict[str, Any]:
+        """What `DIR/report.json` holds about the last run."""
+        return {
+            "complete": self.complete,
+            "fingerprint": self.fingerprint,
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "errors": self.errors,
+            "frames": self.frames,
+            "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0,
+            "bytes_written": self.bytes_written,
+            "shards": {
+                "written": self.shards_written,
+                "already_committed": self.shards_skipped,
+                "failed": dict(self.failed),
+            },
+            "slowest_shards": [
+                {"name": name, "seconds": round(sec, 3), "samples": self.shard_samples.get(name, 0)}
+                for name, sec in self.slowest()
+            ],
+            "error_reasons": [{"reason": kind, "count": n} for kind, n in self.reason_kinds.most_common()],
+            "actors": {
+                name: {
+                    **stats,
+                    "samples_per_s": round(stats["samples"] / stats["seconds"], 3) if stats["seconds"] else 0.0,
+                }
+                for name, stats in sorted(self.actors.items())
+            },
+            "stopped": self.stopped,
+            "interrupted": self.interrupted,
+        }
 
     def most_common(self, n: int = 3) -> str:
         return "; ".join(f"{kind} ({count})" for kind, count in self.reason_kinds.most_common(n))
@@ -109,6 +167,12 @@ class Summary:
             f"shards: {self.shards_written} written, {self.shards_skipped} already committed, "
             f"{len(self.failed)} failed",
         ]
+        if self.shards_written:
+            lines.append(f"written: {format_bytes(self.bytes_written)} of latents and metadata")
+            slow = ", ".join(f"{name} ({format_seconds(sec)})" for name, sec in self.slowest(3))
+            lines.append(f"slowest shards: {slow}")
+        if self.reason_kinds:
+            lines.append(f"errors by reason: {self.most_common(5)}")
         for reason in self.error_reasons[:5]:
             lines.append(f"  error row: {reason}")
         if len(self.error_reasons) > 5:
@@ -120,5 +184,9 @@ class Summary:
         if self.stopped is not None:
             lines.append(f"  STOPPED: {self.stopped}")
             lines.append("  committed shards are kept: fix the cause and rerun the same command to go on")
-        lines.append(f"output: {self.output}")
+        if self.interrupted is not None:
+            lines.append(
+                f"  INTERRUPTED ({self.interrupted}): committed shards are kept; rerun the same command to go on"
+            )
+        lines.append(f"output: {self.output} (report.json: this run's figures)")
         return "\n".join(lines)

@@ -40,6 +40,7 @@ class Progress:
 
     samples: int
     frames: int
+    errors: int = 0  # of those samples, error rows (and rows of damage in the shard)
 
 
 @dataclass
@@ -171,7 +172,7 @@ class ShardEncoder:
             for item in items:
                 if item.error is not None:
                     writer.add_error(item.raw.key, item.raw.index, item.error, item.fields)
-                    yield Progress(1, 0)
+                    yield Progress(1, 0, 1)
                     continue
                 assert item.clip is not None
                 bucket = item.clip.plan.bucket
@@ -200,7 +201,7 @@ class ShardEncoder:
                 yield self._flush(batch, writer)
         for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
             writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
-            yield Progress(0, 0)
+            yield Progress(0, 0, 1)
 
     def _prepare(self, raw: RawSample) -> _Pending:
         """Splits a sample and hands its video to a decoding process."""
@@ -262,10 +263,11 @@ class ShardEncoder:
             else:
                 log.warning("batch of %d failed (%s); encoding one at a time", len(items), describe_error(e))
                 results = [self._run_model_safely(item) for item in items]
-        frames = 0
+        frames = errors = 0
         for item, result in zip(items, results):
             if isinstance(result, Exception):
                 writer.add_error(item.raw.key, item.raw.index, f"encode failed: {describe_error(result)}", item.fields)
+                errors += 1
             else:
                 try:
                     clip = item.fields["clip"] if self.request.multi_clip else None
@@ -273,7 +275,8 @@ class ShardEncoder:
                     frames += item.fields["num_frames"]
                 except ValueError as e:  # nothing of it was written
                     writer.add_error(item.raw.key, item.raw.index, str(e), item.fields)
-        return Progress(len(items), frames)
+                    errors += 1
+        return Progress(len(items), frames, errors)
 
     def _run_model_safely(self, item: _Decoded) -> dict[str, torch.Tensor] | Exception:
         try:
