@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--allow-shell",
+        "--allow-pipe",
+        dest="allow_shell",
         action="store_true",
         help="let pipe: inputs run their shell commands (refused otherwise: a SPEC or a config could run anything)",
     )

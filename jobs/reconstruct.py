@@ -352,6 +352,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preview-frames", type=int, default=8, metavar="N", help="frames per preview row")
     p.add_argument(
         "--allow-shell",
+        "--allow-pipe",
+        dest="allow_shell",
         action="store_true",
         help="let sources that are pipe: commands run them (the metadata names them: refused otherwise)",
     )

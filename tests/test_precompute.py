@@ -381,7 +381,7 @@ def test_a_shard_that_cannot_be_read_fails_and_is_never_committed(ray_cluster, d
     good, missing = demo_shards[0], tmp_path / "gone.tar"
     out = tmp_path / "out"
     argv = ["--output", str(out), "--set", "video.num_frames=8", "--set", "video.height=64"]
-    argv += ["--set", "video.width=64", "--set", "run.max_attempts=2", "--allow-shell"]
+    argv += ["--set", "video.width=64", "--set", "run.max_attempts=2", "--allow-pipe"]  # --allow-shell's alias
     assert main([*argv, "--input", f"pipe:cat {missing}", "--input", str(good)]) == 1
     printed = capsys.readouterr().out
     failed = next(line for line in printed.splitlines() if "FAILED shard gone" in line)

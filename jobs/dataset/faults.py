@@ -5,6 +5,7 @@ Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's 
     LATENT_PRECOMPUTE_FAULT=before-marker            SIGKILL the writing process after the data
                                                      files are in place, before the commit marker
     LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
+    LATENT_PRECOMPUTE_FAULT=slow-commit              each commit takes a second longer (a slow store)
     LATENT_PRECOMPUTE_FAULT=before-marker@/tmp/once  the same, only the first time (the flag file
                                                      is created when it fires; later attempts pass)
 """
@@ -14,9 +15,10 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
-POINTS = ("before-marker", "disk-full")
+POINTS = ("before-marker", "disk-full", "slow-commit")
 
 
 def fault(point: str) -> None:
@@ -32,6 +34,9 @@ def fault(point: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return  # fired already
+    if point == "slow-commit":
+        time.sleep(1.0)
+        return
     if point == "disk-full":
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}={spec})")
     os.kill(os.getpid(), signal.SIGKILL)

@@ -216,6 +216,7 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
+        fault("slow-commit")
         with self._commit_lock():
             existing = read_commit(self.root, self.files.name)
             if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:

@@ -111,6 +111,7 @@ class RunConfig:
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
+    scale_interval_s: float = 30.0  # with workers 0: how often the pool looks for new nodes to start actors on
     # The error budget: the job stops (exit 1, committed shards kept) once more than this fraction of
     # its samples are error rows, counted after `error_rate_after` samples. 1.0 never stops.
     max_error_rate: float = 0.5
@@ -157,6 +158,8 @@ class JobConfig:
             raise UsageError(f"run.max_error_rate must be in [0, 1]; got {self.run.max_error_rate}")
         if self.run.error_rate_after < 1:
             raise UsageError(f"run.error_rate_after must be at least 1; got {self.run.error_rate_after}")
+        if self.run.scale_interval_s <= 0:
+            raise UsageError(f"run.scale_interval_s must be positive seconds; got {self.run.scale_interval_s}")
         if self.run.actor_start_timeout <= 0:
             raise UsageError(f"run.actor_start_timeout must be positive seconds; got {self.run.actor_start_timeout}")
         if not 0 <= self.vae.seed < 2**63:  # torch seeds its generators with a 64-bit integer

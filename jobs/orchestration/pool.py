@@ -69,6 +69,7 @@ class EncoderPool:
         if gpus:
             options["num_gpus"] = 1
         self._remote = ray.remote(ShardEncoder).options(**options)
+        self.gpus = bool(gpus)  # GPU actors (one GPU each) or CPU ones, for the whole run
         self._args = (plan.config, str(plan.root), plan.constants, plan.allow_shell)
         self.replacements_left = count * run.max_attempts
         # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
@@ -91,7 +92,8 @@ class EncoderPool:
             raise RunFailed(f"no encoder actor could start: {failures[0]}")
         if failures:
             print(f"started {len(self.actors)} of {count} encoder actors; the others: {failures[0]}", file=sys.stderr)
-        log.info("%d encoder actors ready on %s", len(self.actors), ", ".join(sorted(set(devices))))
+        where = ", ".join(f"{devices.count(d)} on {d}" for d in sorted(set(devices)))
+        print(f"encoder actors ready: {where}", file=sys.stderr)
 
     def replace(self, actor: Any) -> tuple[Any, Any] | None:
         """Kills a failed actor and starts a new one: `(actor, its ready() ref)`, to be given shards
@@ -105,6 +107,12 @@ class EncoderPool:
         self.actors.append(fresh)
         return fresh, fresh.ready.remote()
 
+    def grow(self, count: int) -> list[tuple[Any, Any]]:
+        """Starts `count` more actors (room appeared: a node joined); `(actor, its ready() ref)` each."""
+        fresh = [self._remote.remote(*self._args) for _ in range(count)]
+        self.actors += fresh
+        return [(actor, actor.ready.remote()) for actor in fresh]
+
     def drop(self, actor: Any) -> None:
         ray.kill(actor, no_restart=True)
         if actor in self.actors:
@@ -113,6 +121,13 @@ class EncoderPool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def capacity(plan: Plan, resources: dict[str, float], gpus: bool) -> int:
+    """How many encoder actors the cluster's resources hold: one per GPU (with `run.cpus_per_worker`
+    CPUs each), or on a CPU cluster one per `run.cpus_per_worker` CPUs."""
+    fits = int(resources.get("CPU", 0) // plan.config.run.cpus_per_worker)
+    return min(fits, int(resources.get("GPU", 0))) if gpus else fits
 
 
 def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
@@ -124,9 +139,7 @@ def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
     """
     run = plan.config.run
     cpus, gpus = resources.get("CPU", 0), int(resources.get("GPU", 0))
-    fits = int(cpus // run.cpus_per_worker)
-    if gpus:
-        fits = min(fits, gpus)
+    fits = capacity(plan, resources, bool(gpus))
     needs = f"{run.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "")
     has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
     if fits < 1:
@@ -163,7 +176,17 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     def label(actor: Any) -> str:
         return labels.setdefault(actor._actor_id, f"w{len(labels)}")
 
+    run = plan.config.run
+    checked = time.monotonic()
     while running or (queue and (idle or starting)):
+        if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
+            checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
+            room = capacity(plan, ray.cluster_resources(), pool.gpus) - len(pool.actors)
+            extra = min(room, len(queue))
+            if extra > 0:
+                print(f"the cluster grew: starting {extra} more encoder actors", file=sys.stderr)
+                for actor, ref in pool.grow(extra):
+                    starting[ref] = (actor, time.monotonic() + timeout)
         while idle and queue:
             actor, shard = idle.pop(), queue.popleft()
             attempts[shard.name] += 1

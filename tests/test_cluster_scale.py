@@ -1,0 +1,69 @@
+"""Placement and growth on a real multi-node Ray cluster (`ray.cluster_utils.Cluster`, GPUs declared
+on a CPU machine): one encoder actor per GPU, and more actors when a GPU node joins mid-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jobs.dataset.faults import FAULT_ENV
+from jobs.demo_data import write_demo_dataset
+
+pytestmark = pytest.mark.slow
+
+SETTINGS = ["--set", "video.num_frames=8", "--set", "video.height=64", "--set", "video.width=64"]
+
+
+@pytest.fixture
+def cluster(request, monkeypatch):
+    """A head with 2 CPUs and 2 GPUs; a test's `fault` mark is set in the nodes' environment (the
+    actors' processes inherit the node's, not the driver's)."""
+    from ray.cluster_utils import Cluster
+
+    mark = request.node.get_closest_marker("fault")
+    if mark is not None:
+        monkeypatch.setenv(FAULT_ENV, mark.args[0])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+def command(data, out, cluster, shards, *extra):
+    spec = f"{data}/shard-{{000000..{shards - 1:06d}}}.tar"
+    return [
+        sys.executable, "-m", "jobs.precompute", "--input", spec, "--output", str(out),
+        "--address", cluster.address, *SETTINGS, *extra,
+    ]  # fmt: skip
+
+
+def test_one_encoder_actor_per_gpu_with_the_model_on_cpu_without_cuda(cluster, tmp_path):
+    write_demo_dataset(tmp_path / "data", shards=4, samples_per_shard=2, seed=5)
+    result = subprocess.run(command(tmp_path / "data", tmp_path / "out", cluster, 4), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 shards to encode (0 already committed), 8 samples, 2 workers" in result.stderr
+    assert "encoder actors ready: 2 on cpu" in result.stderr  # one per GPU; CUDA absent, so the CPU
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(report["actors"]) == ["w0", "w1"] and report["ok"] == 8
+
+
+@pytest.mark.fault("slow-commit")  # a second per commit: the run outlasts the new node's start
+def test_a_gpu_node_joining_mid_run_gets_an_actor_that_takes_shards(cluster, tmp_path):
+    shards = 12
+    write_demo_dataset(tmp_path / "data", shards=shards, samples_per_shard=2, seed=6)
+    out = tmp_path / "out"
+    cmd = command(tmp_path / "data", out, cluster, shards, "--set", "run.scale_interval_s=0.5")
+    job = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list((out / "_commits").glob("*.json")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    cluster.add_node(num_cpus=1, num_gpus=1)  # the autoscaler adds a GPU node
+    _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert b"the cluster grew: starting 1 more encoder actors" in stderr
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(report["actors"]) == ["w0", "w1", "w2"] and report["ok"] == 2 * shards
+    assert all(a["shards"] >= 1 for a in report["actors"].values())
