@@ -10,11 +10,16 @@ before the first pattern character), so the name is stable across reruns and `a/
 `b/x.tar` never collide.
 
 A `Storage` lists the shards of a SPEC and opens them for reading; `storage_for(spec)` picks
-one by the SPEC's form. An object store (s3) is one more implementation of the same two calls.
+one by the SPEC's form. `s3://bucket/prefix/...` (paths, globs, brace patterns, a prefix: every
+`*.tar` under it) goes through pyarrow's S3 filesystem: credentials, region and profiles are the
+AWS SDK's own (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_REGION`), and
+`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` names an S3-compatible server (MinIO, moto, Ceph).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import glob
 import http.client
 import os
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import pyarrow.fs as pafs
 from braceexpand import braceexpand
 from webdataset.gopen import gopen
 
@@ -125,6 +131,60 @@ class ShellStorage:
         return gopen(source)
 
 
+class S3Storage:
+    """`s3://bucket/key` objects through pyarrow's S3 filesystem (no shell, no boto3 needed)."""
+
+    def list(self, spec: str) -> list[Shard]:
+        fs = _s3()
+        path = _s3_path(spec)
+        root = _fixed_root(path)
+        if not _PATTERN_CHARS.search(path) and not path.endswith((".tar", ".tar.gz", ".tgz")):
+            root = path.rstrip("/")  # a prefix: every .tar under it
+            keys = [k for k in _s3_keys(fs, root) if k.endswith(".tar")]
+            if not keys:
+                raise ValueError(f"no .tar objects under {spec}")
+        else:
+            keys = []
+            for item in braceexpand(path):
+                if _PATTERN_CHARS.search(item):
+                    pattern = re.compile(fnmatch.translate(item))
+                    matches = [k for k in _s3_keys(fs, _fixed_root(item)) if pattern.match(k)]
+                    if not matches:
+                        raise ValueError(f"input pattern s3://{item} matches no object")
+                    keys += matches
+                elif fs.get_file_info(item).type == pafs.FileType.File:
+                    keys.append(item)
+                else:
+                    raise ValueError(f"input shard not found: s3://{item}")
+        return [Shard(f"s3://{k}", _strip_tar(k[len(root) + 1 :] if root else k)) for k in keys]
+
+    def open(self, source: str) -> BinaryIO:
+        return _s3().open_input_stream(_s3_path(source))  # type: ignore[return-value]
+
+
+@functools.cache
+def _s3() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return pafs.S3FileSystem(endpoint_override=endpoint, region=region)
+
+
+def _s3_path(url: str) -> str:
+    path = url[len("s3://") :]
+    if not path or path.startswith("/"):
+        raise ValueError(f"'{url}' names no bucket (s3://bucket/key)")
+    return path
+
+
+def _s3_keys(fs: pafs.S3FileSystem, prefix: str) -> list[str]:
+    """Every object under `bucket/prefix`, sorted (`bucket/key` paths)."""
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
+    except (OSError, FileNotFoundError) as e:
+        raise ValueError(f"cannot list s3://{prefix}: {e}") from None
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+
+
 class ShellRefused(ValueError):
     """A `pipe:` source without the user's opt-in."""
 
@@ -147,8 +207,11 @@ def storage_for(spec: str, allow_shell: bool = False) -> Storage:
         return LocalStorage()
     if spec.lower().startswith(("http://", "https://")):
         return HttpStorage()
+    if spec.startswith("s3://"):
+        return S3Storage()
     raise ValueError(
-        f"cannot read '{spec}': the inputs are local paths, http(s):// URLs, or pipe: commands (with --allow-shell)"
+        f"cannot read '{spec}': the inputs are local paths, s3:// or http(s):// URLs, or pipe: commands "
+        "(with --allow-shell)"
     )
 
 
