@@ -253,7 +253,8 @@ def reconstruct(
         recon = decode(model, preset, latent, job.config.tiling(), device)
         try:
             frames = row.get("frame_indices") or list(range(row["num_frames"]))  # the source frames it encoded
-            clip = read_frames(videos[row["source"], key], frames, row["height"], row["width"])
+            resize = job.config.video.resize
+            clip = read_frames(videos[row["source"], key], frames, row["height"], row["width"], resize)
         except VideoError as e:
             raise UsageError(f"source video of '{key}' in {row['source']} cannot be decoded now: {e}") from None
         if recon.shape != clip.shape:

@@ -78,6 +78,7 @@ def test_choices_are_literal_types_checked_in_one_place():
         "vae.dtype",
         "vae.tiling.mode",
         "vae.tiling.causal_norm",
+        "video.resize",
         "video.clips",
         "latents.dtype",
     }

@@ -7,6 +7,7 @@ sampling by timestamps and turning by the display matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -136,6 +137,20 @@ def test_images_are_one_frame_clips(media, name):
 def test_broken_files_are_refused_with_their_reason(media, name, reason):
     with pytest.raises(VideoError, match=reason):
         read_clips(media[name], ClipRequest(num_frames=2, height=32, width=32))
+
+
+@pytest.mark.parametrize("name", ["h264.mp4", "vp9-odd.webm", "rotate-cw90.mp4", "image.png"])
+def test_the_decoders_scaler_gives_the_same_frames_and_nearly_the_same_pixels(media, name):
+    size = (72, 40) if name.startswith("rotate") else (40, 72)  # the phone video is shown upright
+    request = ClipRequest(num_frames=1, height=size[0], width=size[1])
+    (exact,) = read_clips(media[name], request)
+    (scaled,) = read_clips(media[name], dataclasses.replace(request, resize="decoder"))
+    assert scaled.pixels.shape == exact.pixels.shape == (3, 1, *size)
+    assert identities(scaled.pixels) == identities(exact.pixels)
+    assert 0 < (scaled.pixels - exact.pixels).abs().mean() < 0.05  # other numbers, the same picture
+    # The orientation marker lands on the same pixels (turned, scaled and cropped alike).
+    marked = [(clip.pixels[:, 0].mean(0) > 0.5) for clip in (exact, scaled)]
+    assert marked[0].any() and (marked[0] != marked[1]).float().mean() < 0.03
 
 
 def test_frame_and_pixel_limits(media):

@@ -175,6 +175,7 @@ FINGERPRINTED = [
     "video.adapt=true",
     "video.extensions=[mp4]",
     "video.fps_max=12",
+    "video.resize=decoder",
     "video.clips=middle",
     "video.max_clips=2",
     "video.clip_every_s=2",

@@ -67,7 +67,7 @@ def _child(conn: Connection) -> None:
                 for plan in plans:
                     shape = (3, plan.num_frames, plan.height, plan.width)
                     out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset)
-                    video.decode(plan, torch.from_numpy(out))
+                    video.decode(plan, torch.from_numpy(out), spec.request.resize)
                     offset += plan.nbytes
                     del out
             finally:

@@ -27,6 +27,9 @@ import numpy as np
 from jobs.inputs.buckets import Bucket, BucketTable
 
 ClipPolicy = Literal["first", "middle", "random", "uniform", "every"]
+# exact: Open-Sora's float bilinear resize (the trainer's own pixels); decoder: FFmpeg's scaler to the
+# cover size in uint8 (memory bounded by the clip, not the source; pixels differ slightly)
+ResizeMode = Literal["exact", "decoder"]
 MULTI_CLIP_POLICIES = ("uniform", "every")
 
 
@@ -47,6 +50,7 @@ class ClipRequest:
     every_s: float = 10.0  # seconds between clip starts (`every`)
     seed: int = 0  # the job seed, for `random` starts and bucket probabilities
     buckets: BucketTable | None = None  # None: the fixed size above
+    resize: ResizeMode = "exact"
 
     @property
     def multi_clip(self) -> bool:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from jobs.inputs.sampling import ClipPlan, ClipRequest, Source, VideoError, plan_clips
+from jobs.inputs.sampling import ClipPlan, ClipRequest, ResizeMode, Source, VideoError, plan_clips
 from vae.errors import describe_error
 
 __all__ = ["Clip", "DecodeLimits", "VideoError", "VideoFile", "VideoInfo", "read_clip", "read_clips", "read_frames"]
@@ -265,13 +265,21 @@ class VideoFile:
             raise AssertionError("a planned frame lies past the video")  # the sampling's own invariant
         return plans
 
-    def decode(self, plan: ClipPlan, out: Tensor | None = None) -> Tensor:
-        """The clip's pixels, C T H W float32 in [-1, 1] (written into `out` when given)."""
+    def decode(self, plan: ClipPlan, out: Tensor | None = None, resize: ResizeMode = "exact") -> Tensor:
+        """The clip's pixels, C T H W float32 in [-1, 1] (written into `out` when given).
+
+        `resize` "exact" converts each frame to float at its full size and resizes it as Open-Sora
+        does (12 bytes per source pixel, briefly); "decoder" has FFmpeg's scaler bring it to the
+        cover size in uint8 first (memory bounded by the clip; bilinear, but not the same numbers).
+        """
         if out is None:
             out = torch.empty(3, plan.num_frames, plan.height, plan.width)
         for i, frame in enumerate(self._frames(plan.frames)):
-            rgb = torch.from_numpy(np.ascontiguousarray(_displayed(frame)))
-            out[:, i] = resize_crop(rgb.permute(2, 0, 1)[None], plan.height, plan.width)[0]
+            if resize == "decoder":
+                out[:, i] = _scaled_by_decoder(frame, plan.height, plan.width)
+            else:
+                rgb = torch.from_numpy(np.ascontiguousarray(_displayed(frame)))
+                out[:, i] = resize_crop(rgb.permute(2, 0, 1)[None], plan.height, plan.width)[0]
         return out.mul_(2.0).sub_(1.0)
 
     def _frames(self, wanted: tuple[int, ...]) -> Iterator[av.VideoFrame]:
@@ -350,6 +358,21 @@ def _raise_on_damage(log: list[tuple[int, str, str]], doing: str) -> None:
             raise VideoError(f"damaged video: FFmpeg said '{message.strip()}' ({name}) while {doing}")
 
 
+def _scaled_by_decoder(frame: av.VideoFrame, height: int, width: int) -> Tensor:
+    """FFmpeg's bilinear scaler to the size that covers `height x width` (as displayed), then the
+    display rotation and the centre crop: float32 C H W in [0, 1]."""
+    turns = round(frame.rotation / 90) % 4
+    shown = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)  # displayed H, W
+    cover_h, cover_w = cover_size(shown[0], shown[1], height, width)
+    stored_w, stored_h = (cover_h, cover_w) if turns % 2 else (cover_w, cover_h)
+    rgb = frame.reformat(width=stored_w, height=stored_h, format="rgb24", interpolation="BILINEAR").to_ndarray()
+    if turns:
+        rgb = np.rot90(rgb, k=turns)
+    top, left = (cover_h - height) // 2, (cover_w - width) // 2
+    crop = np.ascontiguousarray(rgb[top : top + height, left : left + width])
+    return torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0)
+
+
 def _displayed(frame: av.VideoFrame) -> np.ndarray:
     """The frame as RGB, turned the way its display matrix says (a phone's portrait video stands up)."""
     rgb = frame.to_ndarray(format="rgb24")
@@ -360,7 +383,7 @@ def _displayed(frame: av.VideoFrame) -> np.ndarray:
 def read_clips(data: bytes, request: ClipRequest, key: str = "", limits: DecodeLimits = DecodeLimits()) -> list[Clip]:
     """Every clip `request` cuts out of an encoded sample (in-process; the job decodes in `DecodePool`)."""
     video = VideoFile(data, limits)
-    return [Clip(video.decode(plan), video.info, plan) for plan in video.clips(request, key)]
+    return [Clip(video.decode(plan, resize=request.resize), video.info, plan) for plan in video.clips(request, key)]
 
 
 def read_clip(
@@ -382,11 +405,19 @@ def read_clip(
     return read_clips(data, ClipRequest(num_frames, height, width), limits=limits)[0]
 
 
-def read_frames(data: bytes, frames: list[int], height: int, width: int) -> Tensor:
+def read_frames(data: bytes, frames: list[int], height: int, width: int, resize: ResizeMode = "exact") -> Tensor:
     """The grid frames a row records (`frame_indices`), shaped as the job shaped them."""
     video = VideoFile(data)
     plan = ClipPlan(0, tuple(frames), 1, height, width)
-    return video.decode(plan)
+    return video.decode(plan, resize=resize)
+
+
+def cover_size(h: int, w: int, height: int, width: int) -> tuple[int, int]:
+    """The size an `h x w` frame is resized to so that it covers `height x width` (Open-Sora's rounding)."""
+    scale_h, scale_w = height / h, width / w
+    if scale_h > scale_w:  # height is the tight side; width overflows and is cropped
+        return height, round(w * scale_h)
+    return round(h * scale_w), width
 
 
 def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
@@ -396,11 +427,7 @@ def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
     """
     x = frames.float().div_(255.0)
     h, w = x.shape[-2:]
-    scale_h, scale_w = height / h, width / w
-    if scale_h > scale_w:  # height is the tight side; width overflows and is cropped
-        size = (height, round(w * scale_h))
-    else:
-        size = (round(h * scale_w), width)
+    size = cover_size(h, w, height, width)
     if size != (h, w):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2

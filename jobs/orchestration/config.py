@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from jobs.inputs.buckets import bucket_table
-from jobs.inputs.sampling import ClipPolicy
+from jobs.inputs.sampling import ClipPolicy, ResizeMode
 from vae import TilingConfig, describe_error
 from vae.spec import NormStats, TilingMode
 
@@ -67,6 +67,9 @@ class VideoConfig:
     height: int = 256  # size of each clip (without buckets): resize to cover, then centre crop
     width: int = 256
     adapt: bool = False  # fit num_frames/height/width down to what the VAE accepts, instead of refusing
+    # exact: Open-Sora's float resize (the trainer's pixels); decoder: FFmpeg's scaler in uint8 first
+    # (memory bounded by the clip instead of the source frame; slightly other pixels)
+    resize: ResizeMode = "exact"
     # Frame sampling (jobs/inputs/sampling.py): keep every ceil(fps / fps_max)-th frame (None: every frame)
     fps_max: float | None = None
     # Where clips start: first, middle, random (seeded by vae.seed and the key), or several per

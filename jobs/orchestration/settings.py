@@ -139,6 +139,7 @@ def clip_request(config: JobConfig, preset: VAEPreset) -> ClipRequest:
         every_s=v.clip_every_s,
         seed=config.vae.seed,
         buckets=table,
+        resize=v.resize,
     )
 
 
