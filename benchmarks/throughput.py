@@ -1,0 +1,271 @@
+"""Throughput of the job against its bounds and two baselines, on one generated dataset.
+
+    python benchmarks/throughput.py                               # CPU, flux-ae-tiny, 48 clips
+    python benchmarks/throughput.py --clips 200 --preset hunyuan-vae-tiny --frames 9
+    python benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256
+
+Measures, on the same clips, VAE and cores:
+- decode only: the video path (PyAV decode, sampling, resize, crop), in-process on one thread and
+  in `run.decode_threads` decoding processes;
+- encode only: the VAE on synthetic clips of the job's shape, `run.batch_size` per call;
+- the bound they set when each clip is decoded and then encoded: 1 / (1/decode + 1/encode);
+- end to end: the real job (`jobs.orchestration.driver.run`) on an embedded Ray cluster, Ray's
+  start-up timed apart;
+- baseline "loop": one process decoding, encoding and saving each clip as a trainer's caching
+  script does;
+- baseline "ray-data": Ray Data's `read_webdataset` -> decode -> `map_batches` with VAE actors ->
+  `write_parquet` (needs pandas: `pip install pandas`; skipped without it).
+
+Prints one JSON line per measurement and a table with the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.demo_data import write_demo_dataset
+from jobs.inputs.decode_pool import ClipSpec, DecodePool
+from jobs.inputs.sampling import ClipRequest
+from jobs.inputs.tar_samples import read_shard, split_sample
+from jobs.inputs.video import VideoError, read_clips
+from jobs.orchestration.config import JobConfig, RunConfig, VAEConfig, VideoConfig
+
+VIDEO_SUFFIXES = ["mp4"]
+
+
+def load_videos(shards: list[Path]) -> list[tuple[str, bytes]]:
+    out = []
+    for shard in shards:
+        for raw in read_shard(str(shard), lambda reason: None):
+            parts = split_sample(raw, VIDEO_SUFFIXES)
+            if parts.video is not None:
+                out.append((raw.key, parts.video))
+    return out
+
+
+def decode_only(videos: list[tuple[str, bytes]], request: ClipRequest, processes: int) -> list[dict[str, Any]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started, frames = time.perf_counter(), 0
+    for key, data in videos:
+        frames += sum(c.pixels.shape[1] for c in read_clips(data, request, key))
+    serial = time.perf_counter() - started
+    torch.set_num_threads(threads)
+    pool = DecodePool(processes, timeout=600)
+    try:
+        pool.submit(videos[0][1], ClipSpec(request), videos[0][0]).result()  # the processes started
+        started = time.perf_counter()
+        futures = [pool.submit(data, ClipSpec(request), key) for key, data in videos]
+        pooled_frames = sum(c.pixels.shape[1] for f in futures for c in f.result())
+        pooled = time.perf_counter() - started
+    finally:
+        pool.close()
+    return [
+        {"name": "decode, 1 thread", "frames": frames, "seconds": serial},
+        {"name": f"decode, {processes} processes", "frames": pooled_frames, "seconds": pooled},
+    ]
+
+
+def encode_only(preset: str, request: ClipRequest, batch: int, clips: int, device: str) -> dict[str, Any]:
+    from vae import encode_video, get_preset, load_vae
+
+    spec = get_preset(preset)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = load_vae(spec, None, device=device, dtype=dtype)
+    x = torch.rand(batch, 3, request.num_frames, request.height, request.width, device=device, dtype=dtype) * 2 - 1
+    with torch.inference_mode():
+        encode_video(model, spec, x)  # warm-up
+        _sync(device)
+        calls = max(1, clips // batch)
+        started = time.perf_counter()
+        for _ in range(calls):
+            encode_video(model, spec, x)
+        _sync(device)
+    return {
+        "name": f"encode, batch {batch}",
+        "frames": calls * batch * request.num_frames,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def job_config(shards: list[Path], out: Path, args: argparse.Namespace) -> JobConfig:
+    return JobConfig(
+        input=[str(s) for s in shards],
+        output=str(out),
+        vae=VAEConfig(name=args.preset),
+        video=VideoConfig(num_frames=args.frames, height=args.size, width=args.size),
+        run=RunConfig(
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            batch_size=args.batch,
+            decode_threads=args.decode_processes,
+            max_error_rate=1.0,
+        ),
+    )
+
+
+def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    import ray
+
+    from jobs.orchestration.driver import run
+
+    started = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    startup = time.perf_counter() - started
+    started = time.perf_counter()
+    summary = run(job_config(shards, out, args))
+    seconds = time.perf_counter() - started
+    return [
+        {"name": "ray start-up", "frames": 0, "seconds": startup},
+        {"name": "job, end to end", "frames": summary.frames, "seconds": seconds, "clips": summary.ok},
+    ]
+
+
+def loop_baseline(
+    videos: list[tuple[str, bytes]], request: ClipRequest, args: argparse.Namespace, out: Path
+) -> dict[str, Any]:
+    """What trainers' caching scripts do: one process, decode, encode, save a file per clip."""
+    from safetensors.torch import save_file
+
+    from vae import encode_video, get_preset, load_vae
+
+    spec = get_preset(args.preset)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    started = time.perf_counter()
+    model = load_vae(spec, None, device=args.device, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = 0
+    with torch.inference_mode():
+        for key, data in videos:
+            try:
+                (clip,) = read_clips(data, request, key)
+            except VideoError:
+                continue
+            z, _ = encode_video(model, spec, clip.pixels[None].to(args.device, dtype))
+            save_file({"latent": z[0].float().cpu().contiguous()}, str(out / f"{key}.safetensors"))
+            frames += clip.pixels.shape[1]
+    return {"name": "baseline: single-process loop", "frames": frames, "seconds": time.perf_counter() - started}
+
+
+class _RayDataEncoder:
+    def __init__(self, preset: str, device: str, threads: int) -> None:
+        from vae import get_preset, load_vae
+
+        self.spec = get_preset(preset)
+        self.device = device
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        self.model = load_vae(self.spec, None, device=device, dtype=self.dtype)
+        torch.set_num_threads(threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        from vae import encode_video
+
+        x = torch.from_numpy(np.stack(batch["pixels"])).to(self.device, self.dtype)
+        with torch.inference_mode():
+            z, _ = encode_video(self.model, self.spec, x)
+        return {"key": batch["key"], "latent": [t.float().cpu().numpy().ravel() for t in z]}
+
+
+def ray_data_baseline(
+    shards: list[Path], request: ClipRequest, args: argparse.Namespace, out: Path
+) -> dict[str, Any] | None:
+    try:
+        import pandas  # noqa: F401  (Ray Data needs it)
+    except ImportError:
+        return None
+    import ray
+
+    def decode(row: dict[str, Any]) -> dict[str, Any]:
+        (clip,) = read_clips(row["mp4"], request, row["__key__"])
+        return {"key": row["__key__"], "pixels": clip.pixels.numpy(), "frames": clip.pixels.shape[1]}
+
+    started = time.perf_counter()
+    ds = ray.data.read_webdataset([str(s) for s in shards], decoder=None, suffixes=VIDEO_SUFFIXES)
+    ds = ds.map(decode)
+    ds = ds.map_batches(
+        _RayDataEncoder,
+        fn_constructor_args=(args.preset, args.device, args.cpus_per_worker),
+        batch_size=args.batch,
+        concurrency=max(1, args.workers),
+        # Room for the read and decode tasks beside the actors (all CPUs to the actors deadlocks);
+        # the actors' torch still uses `cpus_per_worker` threads.
+        num_cpus=max(1, args.cpus_per_worker - 1),
+        num_gpus=1 if args.device == "cuda" else 0,
+    )
+    ds.write_parquet(str(out))
+    seconds = time.perf_counter() - started
+    frames = len(load_videos(shards)) * request.num_frames
+    return {"name": "baseline: Ray Data", "frames": frames, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--preset", default="flux-ae-tiny")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--decode-processes", type=int, default=2)
+    args = parser.parse_args()
+    request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size)
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        per_shard = 8
+        shards = write_demo_dataset(
+            root / "data", shards=max(1, args.clips // per_shard), samples_per_shard=per_shard, seed=0
+        )
+        videos = load_videos(shards)
+        results += decode_only(videos, request, args.decode_processes)
+        results.append(encode_only(args.preset, request, args.batch, len(videos), args.device))
+        results.append(loop_baseline(videos, request, args, root / "loop"))
+        results += end_to_end(shards, root / "job", args)
+        data = ray_data_baseline(shards, request, args, root / "ray-data")
+        if data is not None:
+            results.append(data)
+    for r in results:
+        r["frames_per_s"] = round(r["frames"] / r["seconds"], 2) if r["frames"] else None
+        r["seconds"] = round(r["seconds"], 3)
+        print(
+            json.dumps({**r, "preset": args.preset, "device": args.device, "clip": [args.frames, args.size, args.size]})
+        )
+    rate = {r["name"]: r["frames_per_s"] for r in results}
+    decode = rate[f"decode, {args.decode_processes} processes"]
+    encode = rate[f"encode, batch {args.batch}"]
+    bound = 1 / (1 / decode + 1 / encode)
+    job = rate["job, end to end"]
+    startup = next(r["seconds"] for r in results if r["name"] == "ray start-up")
+    job_seconds = next(r["seconds"] for r in results if r["name"] == "job, end to end")
+    job_with_startup = next(r["frames"] for r in results if r["name"] == "job, end to end") / (job_seconds + startup)
+    print(f"\n{'measurement':<34} {'frames':>7} {'seconds':>8} {'frames/s':>9}")
+    for r in results:
+        print(f"{r['name']:<34} {r['frames']:>7} {r['seconds']:>8} {r['frames_per_s'] or '':>9}")
+    print(f"\nbound 1/(1/decode + 1/encode): {bound:.1f} frames/s; job / bound = {job / bound:.2f}")
+    loop = rate["baseline: single-process loop"]
+    print(f"job (Ray start-up included) / single-process loop = {job_with_startup / loop:.2f}")
+    if "baseline: Ray Data" in rate:
+        print(f"job / Ray Data = {job / rate['baseline: Ray Data']:.2f}")
+    else:
+        print("Ray Data baseline skipped (pip install pandas)")
+
+
+if __name__ == "__main__":
+    main()
