@@ -73,5 +73,11 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The CPU benchmarks (figures, not pass/fail): throughput against its bound and baselines, decode memory.
+bench: install
+	$(PIP) install --quiet pandas  # for the Ray Data baseline
+	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/decode_memory.py
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
