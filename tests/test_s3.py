@@ -59,6 +59,10 @@ def test_s3_specs_list_like_local_ones(s3):
     ]
     assert [n for _, n in names(["s3://inputs/data"])] == ["more/extra", "shard-000000", "shard-000001", "shard-000002"]
     assert [n for _, n in names(["s3://inputs/data/shard-*.tar"])] == ["shard-000000", "shard-000001", "shard-000002"]
+    # A glob reads as a local one: `*` stays in one path part, `**` crosses them.
+    assert [n for _, n in names(["s3://inputs/data/*.tar"])] == ["shard-000000", "shard-000001", "shard-000002"]
+    assert [n for _, n in names(["s3://inputs/data/**.tar"])][0] == "more/extra"
+    assert [n for _, n in names(["s3://inputs/data/shard-00000[01].tar"])] == ["shard-000000", "shard-000001"]
     with pytest.raises(ValueError, match="input shard not found: s3://inputs/data/nope.tar"):
         list_shards(["s3://inputs/data/nope.tar"])
     with pytest.raises(ValueError, match="matches no object"):

@@ -18,7 +18,6 @@ AWS SDK's own (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import glob
 import http.client
@@ -147,7 +146,7 @@ class S3Storage:
             keys = []
             for item in braceexpand(path):
                 if _PATTERN_CHARS.search(item):
-                    pattern = re.compile(fnmatch.translate(item))
+                    pattern = _glob_regex(item)
                     matches = [k for k in _s3_keys(fs, _fixed_root(item)) if pattern.match(k)]
                     if not matches:
                         raise ValueError(f"input pattern s3://{item} matches no object")
@@ -174,6 +173,34 @@ def _s3_path(url: str) -> str:
     if not path or path.startswith("/"):
         raise ValueError(f"'{url}' names no bucket (s3://bucket/key)")
     return path
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A glob as local paths read it: `*` and `?` stay within one path part, `**` crosses parts."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end].replace("\\", "\\\\")
+            if body.startswith("!"):
+                body = "^" + body[1:]
+            elif body.startswith("^"):
+                body = "\\" + body
+            out.append(f"[{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def _s3_keys(fs: pafs.S3FileSystem, prefix: str) -> list[str]:
