@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.demo_data import write_demo_dataset
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
@@ -74,7 +75,10 @@ def decode_only(videos: list[tuple[str, bytes]], request: ClipRequest, processes
     ]
 
 
-def encode_only(preset: str, request: ClipRequest, batch: int, clips: int, device: str) -> dict[str, Any]:
+def encode_only(
+    preset: str, request: ClipRequest, batch: int, clips: int, device: str, peak_tflops: float | None = None
+) -> dict[str, Any]:
+    """Frames/s of the VAE alone; FLOPs counted by `torch.utils.flop_counter` (MFU against `peak_tflops`)."""
     from vae import encode_video, get_preset, load_vae
 
     spec = get_preset(preset)
@@ -82,18 +86,29 @@ def encode_only(preset: str, request: ClipRequest, batch: int, clips: int, devic
     model = load_vae(spec, None, device=device, dtype=dtype)
     x = torch.rand(batch, 3, request.num_frames, request.height, request.width, device=device, dtype=dtype) * 2 - 1
     with torch.inference_mode():
-        encode_video(model, spec, x)  # warm-up
+        with FlopCounterMode(display=False) as counter:  # the warm-up call, counted
+            encode_video(model, spec, x)
         _sync(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         calls = max(1, clips // batch)
         started = time.perf_counter()
         for _ in range(calls):
             encode_video(model, spec, x)
         _sync(device)
-    return {
+        seconds = time.perf_counter() - started
+    tflops = counter.get_total_flops() * calls / seconds / 1e12
+    result: dict[str, Any] = {
         "name": f"encode, batch {batch}",
         "frames": calls * batch * request.num_frames,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
+        "tflops": round(tflops, 4),
     }
+    if peak_tflops:
+        result["mfu"] = round(tflops / peak_tflops, 4)
+    if device == "cuda":
+        result["peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return result
 
 
 def _sync(device: str) -> None:
@@ -224,6 +239,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-processes", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak (H100/H200 SXM bf16: 989), for MFU")
     args = parser.parse_args()
     request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size)
     results: list[dict[str, Any]] = []
@@ -235,7 +251,7 @@ def main() -> None:
         )
         videos = load_videos(shards)
         results += decode_only(videos, request, args.decode_processes)
-        results.append(encode_only(args.preset, request, args.batch, len(videos), args.device))
+        results.append(encode_only(args.preset, request, args.batch, len(videos), args.device, args.peak_tflops))
         results.append(loop_baseline(videos, request, args, root / "loop"))
         results += end_to_end(shards, root / "job", args)
         data = ray_data_baseline(shards, request, args, root / "ray-data")
