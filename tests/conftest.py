@@ -73,15 +73,41 @@ def kill_session(sid: int) -> None:
         time.sleep(0.1)
 
 
-def encoder_pids() -> list[int]:
-    """Processes whose title Ray set to an encoder actor running a shard."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::ShardEncoder.encode_shard"):
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = parent_pid(pid) or 0
+    return False
+
+
+def _is_encoder(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().startswith(b"ray::ShardEncoder.encode_shard")
+    except OSError:
+        return False
+
+
+def encoder_pids(ancestor: int | None = None) -> list[int]:
+    """Encoder actors running a shard (the title Ray gives them), below `ancestor` (this test's
+    Ray: its raylet is a child of the process that started it), so that another Ray on the machine
+    is never touched. A child the actor is forking (it has the actor's title until it execs) is not
+    one."""
+    ancestor = os.getpid() if ancestor is None else ancestor
+    return [
+        int(e)
+        for e in os.listdir("/proc")
+        if e.isdigit()
+        and _is_encoder(int(e))
+        and not _is_encoder(parent_pid(int(e)) or 0)
+        and descends_from(int(e), ancestor)
+    ]

@@ -109,7 +109,7 @@ def test_sigkill_of_an_encoder_actor_mid_shard(data, clean, tmp_path):
     first = start(data, out, "--workers", "2")
     deadline, killed = time.monotonic() + 120, []
     while not killed and time.monotonic() < deadline and first.poll() is None:
-        for pid in encoder_pids():
+        for pid in encoder_pids(ancestor=first.pid):  # this job's embedded Ray only
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             break
@@ -183,14 +183,6 @@ def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(data
     compare("two jobs on one directory", out, clean)
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def test_losing_a_worker_node_mid_run(data, clean, tmp_path):
     """A `ray.cluster_utils.Cluster` of a head and two one-CPU worker nodes, one actor each; the
     second node is removed while its actor encodes a shard: that shard is redone on the other."""
@@ -206,7 +198,7 @@ def test_losing_a_worker_node_mid_run(data, clean, tmp_path):
         first = start(data, out, *extra)
         raylet = doomed.all_processes["raylet"][0].process.pid
         deadline = time.monotonic() + 120
-        while not [p for p in encoder_pids() if _parent(p) == raylet] and time.monotonic() < deadline:
+        while not encoder_pids(ancestor=raylet) and time.monotonic() < deadline:
             time.sleep(0.01)  # until the doomed node's actor is encoding a shard
         cluster.remove_node(doomed, allow_graceful=False)
         _, stderr = first.communicate(timeout=300)

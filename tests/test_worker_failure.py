@@ -37,6 +37,6 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
     assert killed, "no encoder actor was seen running a shard"
     assert summary.complete and summary.shards_written == 4
     rows = read_metadata(tmp_path / "out").to_pylist()
-    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 16 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert summary.ok == 16  # the killed attempt's partial progress was not double counted
     assert not list((tmp_path / "out").rglob("*.tmp"))

@@ -106,6 +106,11 @@ class _Slot:
         self.process = self.conn = None
 
     def _serve(self) -> None:
+        try:
+            self._start()  # at once, not at the first sample: the start (imports) overlaps the caller's work
+        except Exception as e:  # started again at the first sample, which then fails with the reason
+            log.warning("decoding process %d did not start: %s", self.number, describe_error(e))
+            self._stop()
         while True:
             task = self.pool._tasks.get()
             if task is None:

@@ -112,6 +112,9 @@ class ShardEncoder:
             torch.set_num_threads(config.run.cpus_per_worker)
         self.dtype = getattr(torch, config.vae.dtype)
         self.latent_dtype = getattr(torch, config.latents.dtype)
+        # Decoding runs in child processes: one that hangs is killed a little after the decoder's
+        # own timeout would have fired, and the worker goes on.
+        self.decoder = DecodePool(config.run.decode_threads, timeout=config.limits.decode_timeout_s + DECODE_GRACE_S)
         self.preset = get_preset(config.vae.name)  # resolved once (a diffusers folder reads its config.json)
         self.model = load_vae(
             self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
@@ -138,9 +141,6 @@ class ShardEncoder:
             default=(config.video.num_frames, config.video.height, config.video.width),
         )
         self.clip_bytes = 3 * t * h * w * 4 * (self.request.max_clips if self.request.multi_clip else 1)
-        # Decoding runs in child processes: one that hangs is killed a little after the decoder's
-        # own timeout would have fired, and the worker goes on.
-        self.decoder = DecodePool(config.run.decode_threads, timeout=limits.decode_timeout_s + DECODE_GRACE_S)
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
