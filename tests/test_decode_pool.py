@@ -79,3 +79,22 @@ def test_a_decoding_process_that_died_is_replaced(pool):
             slot.process.join()
     for i in range(3):
         assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
+
+
+def test_a_fork_server_killed_and_reaped_is_started_afresh(pool):
+    """Python's own check of its fork server (`waitpid`) fails for good once the process was reaped
+    elsewhere; the pool then forgets it and starts a new one instead of failing every sample."""
+    import multiprocessing.forkserver as forkserver
+
+    assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+    server = forkserver._forkserver._forkserver_pid
+    assert server is not None
+    os.kill(server, signal.SIGKILL)
+    os.waitpid(server, 0)  # reaped here, as a process manager of the host might
+    for slot in pool._slots:
+        if slot.process is not None:
+            os.kill(slot.process.pid, signal.SIGKILL)
+            slot.process.join()
+    for i in range(3):
+        assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
+    assert forkserver._forkserver._forkserver_pid not in (None, server)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.forkserver
+import os
 import queue
 import threading
 import time
@@ -79,6 +81,26 @@ def _child(conn: Connection) -> None:
             conn.send(("video", f"decode failed: {describe_error(e)}"))
 
 
+class DecodeUnavailable(RuntimeError):
+    """The decoding processes cannot be started: the worker's failure, not a sample's (the shard's
+    attempt fails and is retried instead of its samples becoming error rows)."""
+
+
+def _forget_fork_server() -> None:
+    """Drops multiprocessing's record of a fork server that is gone, so the next start launches a new
+    one (Python's own check, `waitpid` on it, fails for good once the process was reaped elsewhere)."""
+    server = getattr(mp.forkserver, "_forkserver", None)
+    if server is None:
+        return
+    with server._lock:
+        if server._forkserver_alive_fd is not None:
+            try:
+                os.close(server._forkserver_alive_fd)
+            except OSError:
+                pass
+        server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
+
+
 class _Slot:
     """One child process and the thread that feeds it tasks."""
 
@@ -91,11 +113,28 @@ class _Slot:
         self.thread.start()
 
     def _start(self) -> None:
-        parent, child = _CONTEXT.Pipe()
-        self.process = _CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
-        self.process.start()
-        child.close()
-        self.conn = parent
+        """Starts the decoding process; if the fork server is gone (killed, say by the OOM killer,
+        and reaped), it is forgotten and started afresh once.
+
+        Raises:
+            DecodeUnavailable: No decoding process can be started (not a sample's fault).
+        """
+        for attempt in (1, 2):
+            parent, child = _CONTEXT.Pipe()
+            process = _CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
+            try:
+                process.start()
+            except (OSError, EOFError) as e:  # ChildProcessError, ConnectionRefusedError, a closed pipe
+                parent.close()
+                child.close()
+                if attempt == 2:
+                    raise DecodeUnavailable(f"no decoding process can be started: {describe_error(e)}") from e
+                log.warning("the fork server of the decoding processes is gone (%s); starting a new one", e)
+                _forget_fork_server()
+                continue
+            child.close()
+            self.process, self.conn = process, parent
+            return
 
     def _stop(self) -> None:
         if self.process is not None:
@@ -108,7 +147,7 @@ class _Slot:
     def _serve(self) -> None:
         try:
             self._start()  # at once, not at the first sample: the start (imports) overlaps the caller's work
-        except Exception as e:  # started again at the first sample, which then fails with the reason
+        except DecodeUnavailable as e:  # started again at the first sample, which then fails with the reason
             log.warning("decoding process %d did not start: %s", self.number, describe_error(e))
             self._stop()
         while True:

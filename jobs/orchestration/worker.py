@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from jobs.dataset.writer import ShardWriter
-from jobs.inputs.decode_pool import ClipSpec, DecodePool
+from jobs.inputs.decode_pool import ClipSpec, DecodePool, DecodeUnavailable
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
 from jobs.inputs.video import Clip, DecodeLimits, VideoError
@@ -225,6 +225,8 @@ class ShardEncoder:
             clips = pending.clip.result()
         except VideoError as e:
             return [_Decoded(raw, fields, error=str(e))]
+        except DecodeUnavailable:
+            raise  # the worker's failure: the attempt fails and is retried, no sample is blamed
         except Exception as e:
             return [_Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")]
         out = []
