@@ -37,8 +37,9 @@ def is_temporary(path: Path) -> bool:
 # `index` is negative, so they sort after the samples.
 SHARD_ROW_KEY = "__shard__"
 
-# One row per clip (or per input sample that gave none: an error). Columns after `fingerprint` describe the VAE and are the same
-# for every row of a job; they are repeated so that any single file is self-describing.
+# One row per clip (or per input sample that gave none: an error). Columns after `fingerprint`
+# describe the VAE and are the same for every row of a job; they are repeated so that any single
+# file is self-describing.
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # webdataset key of the input sample
