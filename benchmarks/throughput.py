@@ -197,7 +197,7 @@ class _RayDataEncoder:
 
 
 def ray_data_baseline(
-    shards: list[Path], request: ClipRequest, args: argparse.Namespace, out: Path
+    shards: list[Path], clips: int, request: ClipRequest, args: argparse.Namespace, out: Path
 ) -> dict[str, Any] | None:
     try:
         import pandas  # noqa: F401  (Ray Data needs it)
@@ -224,7 +224,7 @@ def ray_data_baseline(
     )
     ds.write_parquet(str(out))
     seconds = time.perf_counter() - started
-    frames = len(load_videos(shards)) * request.num_frames
+    frames = clips * request.num_frames
     return {"name": "baseline: Ray Data", "frames": frames, "seconds": seconds}
 
 
@@ -254,7 +254,7 @@ def main() -> None:
         results.append(encode_only(args.preset, request, args.batch, len(videos), args.device, args.peak_tflops))
         results.append(loop_baseline(videos, request, args, root / "loop"))
         results += end_to_end(shards, root / "job", args)
-        data = ray_data_baseline(shards, request, args, root / "ray-data")
+        data = ray_data_baseline(shards, len(videos), request, args, root / "ray-data")
         if data is not None:
             results.append(data)
     for r in results:

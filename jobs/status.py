@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.dataset.catalog import DatasetError, committed_markers, lock_held, read_job
-from jobs.dataset.layout import REPORT_FILE
+from jobs.dataset.layout import MANIFEST_FILE, REPORT_FILE
 
 
 def status(root: str | Path) -> dict[str, Any]:
@@ -51,7 +51,7 @@ def status(root: str | Path) -> dict[str, Any]:
         "errors": sum(m["errors"] for m in markers),
         "frames": sum(m["frames"] for m in markers),
         "bytes": sum(m["latents"]["bytes"] + m["meta"]["bytes"] for m in markers),
-        "finished": (root / "manifest.json").is_file() and all(s in done for s in job.inputs),
+        "finished": (root / MANIFEST_FILE).is_file() and all(s in done for s in job.inputs),
         "running": lock_held(root),
         "last_run": report,
     }

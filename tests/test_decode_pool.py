@@ -71,12 +71,16 @@ def test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes():
         pool.close()
 
 
-def test_a_decoding_process_that_died_is_replaced(pool):
-    assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+def kill_decoding_processes(pool: DecodePool) -> None:
     for slot in pool._slots:
         if slot.process is not None:
             os.kill(slot.process.pid, signal.SIGKILL)
             slot.process.join()
+
+
+def test_a_decoding_process_that_died_is_replaced(pool):
+    assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+    kill_decoding_processes(pool)
     for i in range(3):
         assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
 
@@ -91,10 +95,7 @@ def test_a_fork_server_killed_and_reaped_is_started_afresh(pool):
     assert server is not None
     os.kill(server, signal.SIGKILL)
     os.waitpid(server, 0)  # reaped here, as a process manager of the host might
-    for slot in pool._slots:
-        if slot.process is not None:
-            os.kill(slot.process.pid, signal.SIGKILL)
-            slot.process.join()
+    kill_decoding_processes(pool)
     for i in range(3):
         assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
     assert forkserver._forkserver._forkserver_pid not in (None, server)

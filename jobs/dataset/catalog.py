@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,19 +164,32 @@ def write_manifest(root: Path, fingerprint: str) -> dict[str, Any]:
 
 
 @contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """Holds the kernel's exclusive lock (`flock`) on `path`, created with its folder if needed; a
+    killed holder's lock goes with its process.
+
+    Raises:
+        BlockingIOError: Another process holds it and `wait` is false.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+
+
+@contextmanager
 def output_lock(root: Path) -> Iterator[None]:
     """Holds an exclusive lock on the dataset directory (created if needed) while the job writes it.
 
     Raises:
         DatasetBusy: Another job holds it. A lock left by a killed job is released with its process.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / LOCK_FILE, "w") as f:
+    with ExitStack() as held:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.enter_context(file_lock(root / LOCK_FILE, wait=False))
         except BlockingIOError:
             raise DatasetBusy(f"another precompute job is writing to {root}") from None
-        yield
+        yield  # what the job raises passes through unchanged
 
 
 def lock_held(root: str | Path) -> bool:

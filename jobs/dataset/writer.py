@@ -9,7 +9,6 @@ resumed job ends with the same files as an uninterrupted one.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -17,8 +16,6 @@ import os
 import socket
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -28,7 +25,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from jobs.dataset.atomic import sync_close, sync_dir, temp_path, write_json_atomic
-from jobs.dataset.catalog import read_commit
+from jobs.dataset.catalog import file_lock, read_commit
 from jobs.dataset.faults import fault
 from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
 from vae.checkpoint import file_sha256
@@ -217,24 +214,12 @@ class ShardWriter:
             os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
         fault("slow-commit")
-        with self._commit_lock():
+        with file_lock(self.root / self.files.lock):  # one committing attempt at a time
             existing = read_commit(self.root, self.files.name)
             if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:
                 self.abort()  # another attempt committed this shard: its files stay as they are
                 return existing
             return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
-
-    @contextmanager
-    def _commit_lock(self) -> Iterator[None]:
-        """An exclusive lock on `_commits/.<name>.lock`, held by one committing attempt at a time."""
-        path = self.root / self.files.lock
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _place(self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int) -> dict[str, Any]:
         for tmp, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):

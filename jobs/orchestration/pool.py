@@ -74,7 +74,7 @@ class EncoderPool:
         self.replacements_left = count * run.max_attempts
         # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
         # placed would otherwise keep the job waiting forever).
-        waiting = {actor.ready.remote(): actor for actor in (self._remote.remote(*self._args) for _ in range(count))}
+        waiting = {actor.ready.remote(): actor for actor in (self._new() for _ in range(count))}
         ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=run.actor_start_timeout)
         self.actors, devices, failures = [], [], []
         for ref in ready:
@@ -103,13 +103,18 @@ class EncoderPool:
         if self.replacements_left <= 0:
             return None
         self.replacements_left -= 1
-        fresh = self._remote.remote(*self._args)
-        self.actors.append(fresh)
-        return fresh, fresh.ready.remote()
+        (started,) = self._start(1)
+        return started
 
     def grow(self, count: int) -> list[tuple[Any, Any]]:
         """Starts `count` more actors (room appeared: a node joined); `(actor, its ready() ref)` each."""
-        fresh = [self._remote.remote(*self._args) for _ in range(count)]
+        return self._start(count)
+
+    def _new(self) -> Any:
+        return self._remote.remote(*self._args)
+
+    def _start(self, count: int) -> list[tuple[Any, Any]]:
+        fresh = [self._new() for _ in range(count)]
         self.actors += fresh
         return [(actor, actor.ready.remote()) for actor in fresh]
 
