@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from jobs.dataset.catalog import DatasetError, read_job
 from jobs.dataset.layout import JOB_FILE
 from jobs.dataset.reader import load_sample, read_metadata
+from jobs.dataset.store import Store, open_store
 from jobs.inputs.shards import Shard, storage_for
 from jobs.inputs.tar_samples import ShardReadError, read_shard, split_sample
 from jobs.inputs.video import VideoError, read_frames
@@ -60,7 +61,7 @@ SSIM_WINDOW = 11
 
 @dataclass
 class Job:
-    root: Path
+    root: Store  # the latents: a local directory or s3://
     config: JobConfig
     vae: RecordedVAE
     fingerprint: str
@@ -81,15 +82,15 @@ class SampleResult:
 
 
 def load_job(root: str | Path) -> Job:
-    """Reads `DIR/job.json`, the resolved config and settings of a precompute job."""
-    root = Path(root)
+    """Reads `DIR/job.json`, the resolved config and settings of a precompute job (DIR local or s3://)."""
     try:
-        record = read_job(root)
-        return Job(root, from_dict(JobConfig, record.config), recorded_vae(record.settings), record.fingerprint)
+        store = open_store(root)
+        record = read_job(store)
+        return Job(store, from_dict(JobConfig, record.config), recorded_vae(record.settings), record.fingerprint)
     except DatasetError as e:
         raise UsageError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"{root / JOB_FILE} is not a precompute job file ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{root}/{JOB_FILE} is not a precompute job file ({type(e).__name__}: {e})") from None
 
 
 def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple[nn.Module, VAEPreset, str]:
@@ -128,7 +129,7 @@ def build_model(job: Job, checkpoint: str | None, device: torch.device) -> tuple
         raise UsageError(str(e)) from None
 
 
-def select_rows(root: Path, keys: list[str] | None, limit: int) -> list[dict[str, Any]]:
+def select_rows(root: Store, keys: list[str] | None, limit: int) -> list[dict[str, Any]]:
     """The `ok` rows to reconstruct: those with the given keys, else the first `limit` (0 = all)."""
     try:
         rows = read_metadata(root).to_pylist()
@@ -304,7 +305,7 @@ def write_report(output: Path, job: Job, weights: str, device: torch.device, res
     """Writes `report.json` and `report.md`; returns the JSON content."""
     mean_psnr, mean_ssim = _mean([r.psnr for r in results]), _mean([r.ssim for r in results])
     report = {
-        "latents": str(job.root.resolve()),
+        "latents": job.root.url,
         "fingerprint": job.fingerprint,
         "vae": job.config.vae.name,
         "weights": weights,

@@ -2,6 +2,7 @@
 
     python -m jobs.status out/latents
     python -m jobs.status out/latents --json
+    python -m jobs.status s3://bucket/latents
 
 Shows the shards committed (by the markers that carry the job's fingerprint), the input shards
 still pending (the inputs `job.json` lists that no marker covers), the shards the last run could
@@ -15,32 +16,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
-from jobs.dataset.catalog import DatasetError, committed_markers, lock_held, read_job
+from jobs.dataset.catalog import DatasetError, Root, committed_markers, lock_held, read_job
 from jobs.dataset.layout import MANIFEST_FILE, REPORT_FILE
+from jobs.dataset.store import open_store
 
 
-def status(root: str | Path) -> dict[str, Any]:
+def status(root: Root) -> dict[str, Any]:
     """The state of a dataset directory, as `--json` prints it.
 
     Raises:
         DatasetError: `root` is not a latent dataset.
     """
-    root = Path(root)
     job = read_job(root)
-    markers = committed_markers(root, job.fingerprint)
+    store = open_store(root)
+    markers = committed_markers(store, job.fingerprint)
     done = {m["source"] for m in markers}
     report: dict[str, Any] | None = None
     try:
-        report = json.loads((root / REPORT_FILE).read_text())
+        report = json.loads(store.read_bytes(REPORT_FILE))
     except (OSError, ValueError):
         pass
     failed = (report or {}).get("shards", {}).get("failed", {})
     committed_names = {m["name"] for m in markers}
     return {
-        "dir": str(root),
+        "dir": store.url,
         "fingerprint": job.fingerprint,
         "inputs": len(job.inputs),
         "committed": len(markers),
@@ -51,8 +52,8 @@ def status(root: str | Path) -> dict[str, Any]:
         "errors": sum(m["errors"] for m in markers),
         "frames": sum(m["frames"] for m in markers),
         "bytes": sum(m["latents"]["bytes"] + m["meta"]["bytes"] for m in markers),
-        "finished": (root / MANIFEST_FILE).is_file() and all(s in done for s in job.inputs),
-        "running": lock_held(root),
+        "finished": store.exists(MANIFEST_FILE) and all(s in done for s in job.inputs),
+        "running": lock_held(store),
         "last_run": report,
     }
 
@@ -87,12 +88,12 @@ def text(state: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", help="the output directory of a precompute job")
+    parser.add_argument("dir", help="the output directory of a precompute job (a path or s3://bucket/prefix)")
     parser.add_argument("--json", action="store_true", help="print the state as JSON")
     args = parser.parse_args(argv)
     try:
         state = status(args.dir)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(state, indent=2) if args.json else text(state))

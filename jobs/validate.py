@@ -2,6 +2,7 @@
 
     python -m jobs.validate out/latents            # every check, reading every byte
     python -m jobs.validate out/latents --quick    # sizes only: no sha256, no latent headers
+    python -m jobs.validate s3://bucket/latents    # an output on s3 (the AWS settings say where)
 
 What is checked, for every commit marker of the directory:
 - it carries the job's fingerprint, and its tar and Parquet file exist with the recorded sizes
@@ -29,19 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from jobs.dataset.catalog import MANIFEST_FIELDS, DatasetError, lock_held, read_job
-from jobs.dataset.layout import (
-    COMMITS_DIR,
-    LATENTS_DIR,
-    MANIFEST_FILE,
-    META_DIR,
-    SCHEMA,
-    ShardFiles,
-    is_temporary,
-)
-from vae.checkpoint import file_sha256
+from jobs.dataset.catalog import MANIFEST_FIELDS, DatasetError, Root, lock_held, marker_names, read_job
+from jobs.dataset.layout import COMMITS_DIR, LATENTS_DIR, MANIFEST_FILE, META_DIR, ShardFiles, is_temporary
+from jobs.dataset.reader import read_table
+from jobs.dataset.store import Store, open_store
 
 # safetensors' dtype names, as torch spells them in the `latent_dtype` column
 _DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
@@ -58,52 +50,48 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def validate(root: str | Path, quick: bool = False) -> Report:
+def validate(root: Root, quick: bool = False) -> Report:
     """Every check above; the problems found, and what the directory holds.
 
     Raises:
         DatasetError: `root` is not a latent dataset.
     """
-    root = Path(root)
     job = read_job(root)
+    store = open_store(root)
     report = Report()
-    named: set[Path] = set()
+    named: set[str] = set()
     markers: dict[str, dict[str, Any]] = {}
-    commits = root / COMMITS_DIR
-    for path in sorted(commits.rglob("*.json")) if commits.is_dir() else []:
-        if is_temporary(path):
-            report.temporaries += 1
-            continue
-        name = str(path.relative_to(commits).with_suffix(""))
-        marker, sound = _check_marker(root, name, path, job.fingerprint, quick, report)
+    report.temporaries += sum(is_temporary(Path(rel)) for rel in store.list(COMMITS_DIR))
+    for name in marker_names(store):
+        marker, sound = _check_marker(store, name, job.fingerprint, quick, report)
         if marker is None:
             continue
-        named.update(root / marker[part]["path"] for part in ("latents", "meta"))  # not strays: told already
+        named.update(marker[part]["path"] for part in ("latents", "meta"))  # not strays: told already
         if marker.get("fingerprint") == job.fingerprint:
             markers[name] = marker
         if sound:
-            _check_rows(root, name, marker, job.fingerprint, quick, report)
-    _check_manifest(root, markers, job.fingerprint, report)
+            _check_rows(store, name, marker, job.fingerprint, quick, report)
+    _check_manifest(store, markers, job.fingerprint, report)
     for folder in (LATENTS_DIR, META_DIR):
-        for path in sorted((root / folder).rglob("*")) if (root / folder).is_dir() else []:
-            if path.is_dir() or path in named:
+        for rel in store.list(folder):
+            if rel in named:
                 continue
-            if is_temporary(path):
+            if is_temporary(Path(rel)):
                 report.temporaries += 1
             else:
-                report.problems.append(f"{path.relative_to(root)}: stray file, no commit marker names it")
-    if lock_held(root):
+                report.problems.append(f"{rel}: stray file, no commit marker names it")
+    if lock_held(store):
         report.notes.append("a job is writing this directory now: what it has not committed is not counted")
     return report
 
 
 def _check_marker(
-    root: Path, name: str, path: Path, fingerprint: str, quick: bool, report: Report
+    store: Store, name: str, fingerprint: str, quick: bool, report: Report
 ) -> tuple[dict[str, Any] | None, bool]:
     """The marker (None if it is not one), and whether its files are the ones it recorded."""
-    where = f"{COMMITS_DIR}/{name}.json"
+    where = ShardFiles(name).commit
     try:
-        marker = json.loads(path.read_text())
+        marker = json.loads(store.read_bytes(where))
         parts = {part: marker[part] for part in ("latents", "meta")}
         paths = [str(parts[part]["path"]) for part in parts]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -116,26 +104,26 @@ def _check_marker(
         return marker, False
     files = ShardFiles(name)
     for (part, expected), rel in zip((("latents", files.latents), ("meta", files.meta)), paths):
-        record, f = parts[part], root / rel
+        record, size = parts[part], store.size(rel)
         if rel != expected:
             report.problems.append(f"{where}: names {rel} for its {part}, expected {expected}")
             return marker, False
-        if not f.is_file():
+        if size is None:
             report.problems.append(f"{where}: its {part} file {rel} is missing")
             return marker, False
-        if f.stat().st_size != record.get("bytes"):
-            report.problems.append(f"{rel}: {f.stat().st_size} bytes, the marker says {record.get('bytes')}")
+        if size != record.get("bytes"):
+            report.problems.append(f"{rel}: {size} bytes, the marker says {record.get('bytes')}")
             return marker, False
-        if not quick and file_sha256(f) != record.get("sha256"):
+        if not quick and store.sha256(rel) != record.get("sha256"):
             report.problems.append(f"{rel}: sha256 differs from the marker's (the file changed)")
             return marker, False
     return marker, True
 
 
-def _check_rows(root: Path, name: str, marker: dict[str, Any], fingerprint: str, quick: bool, report: Report) -> None:
+def _check_rows(store: Store, name: str, marker: dict[str, Any], fingerprint: str, quick: bool, report: Report) -> None:
     meta, tar_rel = marker["meta"]["path"], marker["latents"]["path"]
     try:
-        rows = pq.read_table(root / meta, schema=SCHEMA).to_pylist()
+        rows = read_table(store, meta).to_pylist()
     except Exception as e:  # whatever pyarrow raises for an unreadable file
         report.problems.append(f"{meta}: cannot be read as the metadata schema ({type(e).__name__}: {e})")
         return
@@ -151,7 +139,7 @@ def _check_rows(root: Path, name: str, marker: dict[str, Any], fingerprint: str,
             report.problems.append(f"{meta}: {v} {k}, its marker says {marker.get(k)}")
     if any(r["fingerprint"] != fingerprint for r in rows):
         report.problems.append(f"{meta}: rows carry another fingerprint than the job's")
-    members = _safetensors_members(root / tar_rel, report)
+    members = _safetensors_members(store, tar_rel, report)
     for row in ok:
         at = f"{meta}: row {row['key']!r} (clip {row['clip']})"
         if row["shard"] != tar_rel:
@@ -161,25 +149,25 @@ def _check_rows(root: Path, name: str, marker: dict[str, Any], fingerprint: str,
             report.problems.append(f"{at}: bytes {row['offset']}+{row['size']} are not a latent member of {tar_rel}")
             continue
         if not quick:
-            problem = _check_latent(root / tar_rel, row)
+            problem = _check_latent(store, tar_rel, row)
             if problem:
                 report.problems.append(f"{at}: {problem}")
     for (offset, size), member in sorted((members or {}).items()):
         report.problems.append(f"{tar_rel}: member {member} (byte {offset}, {size} bytes) has no row")
 
 
-def _safetensors_members(path: Path, report: Report) -> dict[tuple[int, int], str] | None:
+def _safetensors_members(store: Store, rel: str, report: Report) -> dict[tuple[int, int], str] | None:
     try:
-        with tarfile.open(path, "r:") as tar:
+        with store.open(rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             return {(m.offset_data, m.size): m.name for m in tar if m.name.endswith(".safetensors")}
     except (OSError, tarfile.TarError) as e:
-        report.problems.append(f"{path}: not a readable tar ({type(e).__name__}: {e})")
+        report.problems.append(f"{rel}: not a readable tar ({type(e).__name__}: {e})")
         return None
 
 
-def _check_latent(path: Path, row: dict[str, Any]) -> str | None:
+def _check_latent(store: Store, rel: str, row: dict[str, Any]) -> str | None:
     """Why the row's byte range is not a complete safetensors file with its latent; None if it is."""
-    with open(path, "rb") as f:
+    with store.open(rel) as f:
         f.seek(row["offset"])
         data = f.read(row["size"])
     if len(data) < 8:
@@ -198,13 +186,12 @@ def _check_latent(path: Path, row: dict[str, Any]) -> str | None:
     return None
 
 
-def _check_manifest(root: Path, markers: dict[str, dict[str, Any]], fingerprint: str, report: Report) -> None:
-    path = root / MANIFEST_FILE
-    if not path.is_file():
+def _check_manifest(store: Store, markers: dict[str, dict[str, Any]], fingerprint: str, report: Report) -> None:
+    if not store.exists(MANIFEST_FILE):
         report.notes.append(f"no {MANIFEST_FILE}: the job has not finished ({len(markers)} shards committed so far)")
         return
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(store.read_bytes(MANIFEST_FILE))
         listed = {s["name"]: s for s in manifest["shards"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         report.problems.append(f"{MANIFEST_FILE}: not a manifest ({type(e).__name__}: {e})")
@@ -231,12 +218,12 @@ def _check_manifest(root: Path, markers: dict[str, dict[str, Any]], fingerprint:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", help="the output directory of a precompute job")
+    parser.add_argument("dir", help="the output directory of a precompute job (a path or s3://bucket/prefix)")
     parser.add_argument("--quick", action="store_true", help="check sizes only (no sha256, no latent headers)")
     args = parser.parse_args(argv)
     try:
         report = validate(args.dir, quick=args.quick)
-    except DatasetError as e:
+    except (DatasetError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for problem in report.problems:

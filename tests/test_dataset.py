@@ -14,10 +14,10 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.atomic import remove_temporaries
 from jobs.dataset.catalog import read_commit
 from jobs.dataset.layout import SCHEMA
 from jobs.dataset.reader import iter_shard, load_sample, read_metadata
+from jobs.dataset.store import LocalStore, open_store
 from jobs.dataset.writer import ShardWriter
 
 CONSTANTS = {"fingerprint": "f" * 16, "vae": "flux-ae-tiny", "scale_factor": 0.5, "shift_factor": 0.1}
@@ -85,7 +85,7 @@ def test_abort_and_crash_leave_nothing_visible(tmp_path):
     assert leftovers and all(p.name.startswith(".") and p.name.endswith(".tmp") for p in leftovers)
     assert read_commit(tmp_path, "part-1") is None
     assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.tar"))
-    assert remove_temporaries(tmp_path) == len(leftovers)
+    assert LocalStore(tmp_path).cleanup() == len(leftovers)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
@@ -153,7 +153,8 @@ def test_a_commit_waits_for_the_shards_commit_lock(tmp_path):
 
 
 def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
-    """Spies on the real `os.fsync` (it still runs) and on renames through Python's audit events."""
+    """Spies on the real `os.fsync` (it still runs) and on renames (the data files) and links (the
+    marker, created only if absent) through Python's audit events."""
     events: list[tuple[str, str]] = []
     real_fsync = os.fsync
 
@@ -162,7 +163,7 @@ def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path,
         return real_fsync(fd)
 
     def audit(event, args):
-        if event == "os.rename":
+        if event in ("os.rename", "os.link"):
             events.append(("rename", str(args[0])))
 
     monkeypatch.setattr(os, "fsync", fsync)
@@ -177,10 +178,11 @@ def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path,
     for path in renamed:
         i = done.index(("rename", path))
         assert ("fsync", path) in done[:i], f"{path} renamed before it was fsynced"
-    last_data_rename = done.index(("rename", renamed[1]))
-    synced_dirs = {p for kind, p in done[last_data_rename:] if kind == "fsync"}
-    assert {str(tmp_path / "latents"), str(tmp_path / "meta"), str(tmp_path / "_commits")} <= synced_dirs
-    assert done.index(("fsync", str(tmp_path / "meta"))) < done.index(("rename", renamed[2]))
+    marker_at = done.index(("rename", renamed[2]))
+    for path in renamed[:2]:  # each data file's folder is synced after its rename, before the marker
+        synced = [i for i, e in enumerate(done) if e == ("fsync", str(Path(path).parent))]
+        assert any(done.index(("rename", path)) < i < marker_at for i in synced), path
+    assert ("fsync", str(tmp_path / "_commits")) in done[marker_at:]
 
 
 def test_a_same_size_corruption_fails_verification(tmp_path):
@@ -221,3 +223,12 @@ def test_member_names_are_safe_relative_paths_and_rows_keep_the_key(tmp_path):
     assert [r["key"] for r in rows] == keys
     for i, row in enumerate(rows):
         assert load_sample(tmp_path, row)["latent"].max().item() == i
+
+
+def test_a_local_marker_is_created_only_if_absent(tmp_path):
+    store = LocalStore(tmp_path)
+    assert store.create("_commits/m.json", b"first") and not store.create("_commits/m.json", b"second")
+    assert store.read_bytes("_commits/m.json") == b"first"
+    assert store.list() == ["_commits/m.json"]  # no temporary left by the refused one
+    with pytest.raises(ValueError, match="cannot keep a dataset at 'gs://b/x'"):
+        open_store("gs://b/x")

@@ -1,23 +1,51 @@
-"""s3:// inputs against a real S3-compatible server (moto's, on 127.0.0.1): listing, reading, a whole job."""
+"""s3:// against a real S3-compatible server (moto's, on 127.0.0.1): inputs listed and read; the
+output store's commit protocol (conditional marker, whole objects, aborted uploads, leases); and
+whole jobs with s3 output: read back by every reader, killed and resumed, on two nodes."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+import torch
+from conftest import kill_session
+from test_dataset import _write
 
+from jobs.dataset import store as store_module
+from jobs.dataset.catalog import marker_names, read_commit
+from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import read_metadata
+from jobs.dataset.store import S3Store, open_store, staging_folder
+from jobs.dataset.training import LatentDataset, latent_stream
 from jobs.demo_data import write_demo_dataset
 from jobs.inputs.shards import list_shards
 from jobs.inputs.tar_samples import ShardReadError, read_shard
 from jobs.orchestration.config import JobConfig, UsageError
+from jobs.validate import validate
+
+
+@dataclass
+class Server:
+    env: dict[str, str]
+    local: list[Path]  # the demo shards uploaded to s3://inputs/data/
+    client: Any  # boto3, for looking behind the store's back
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """A moto server with bucket `inputs` holding three demo shards under `data/` (and one deeper)."""
+    """A moto server with bucket `inputs` holding three demo shards under `data/` (and one deeper),
+    and an empty bucket `outputs`."""
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -32,23 +60,22 @@ def s3(tmp_path_factory):
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from jobs.inputs import shards
 
-    shards._s3.cache_clear()
+    pass  # the filesystems are cached per endpoint (jobs.objectstore)
     local = write_demo_dataset(tmp_path_factory.mktemp("s3data"), shards=3, samples_per_shard=2, seed=7)
     client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
     client.create_bucket(Bucket="inputs")
     for path in local:
         client.upload_file(str(path), "inputs", f"data/{path.name}")
     client.upload_file(str(local[0]), "inputs", "data/more/extra.tar")
-    yield env, local
+    client.create_bucket(Bucket="outputs")
+    yield Server(env, local, client)
     server.stop()
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    shards._s3.cache_clear()
 
 
 def test_s3_specs_list_like_local_ones(s3):
@@ -70,7 +97,7 @@ def test_s3_specs_list_like_local_ones(s3):
 
 
 def test_an_s3_shard_reads_as_the_local_one(s3):
-    _, local = s3
+    local = s3.local
     damage: list[str] = []
     remote = [(r.key, r.files) for r in read_shard("s3://inputs/data/shard-000001.tar", damage.append)]
     assert remote == [(r.key, r.files) for r in read_shard(str(local[1]), damage.append)] and not damage
@@ -78,19 +105,232 @@ def test_an_s3_shard_reads_as_the_local_one(s3):
         list(read_shard("s3://inputs/data/gone.tar", damage.append))
 
 
-def test_an_object_store_output_is_refused_before_anything_starts():
-    config = JobConfig(input=["x.tar"], output="s3://bucket/out")
-    with pytest.raises(UsageError, match="cannot write to 's3://bucket/out': the output is a local or mounted"):
-        config.validate()
+def test_outputs_that_cannot_be_written_are_refused_before_anything_starts():
+    for url in ("gs://bucket/out", "https://host/out", "file:///tmp/out"):
+        with pytest.raises(UsageError, match=f"cannot write to '{url}': the output is a local or mounted"):
+            JobConfig(input=["x.tar"], output=url).validate()
+    JobConfig(input=["x.tar"], output="s3://bucket/out").validate()
+
+
+def test_the_marker_is_created_once_and_data_objects_appear_whole(s3):
+    store = S3Store("s3://outputs/unit", part_bytes=5 * 2**20, single_put_max=5 * 2**20)
+    assert store.create("_commits/m.json", b"first") and not store.create("_commits/m.json", b"second")
+    assert store.read_bytes("_commits/m.json") == b"first"
+    data = os.urandom(12 * 2**20)  # three parts of a multipart upload
+    for rel, blob in (("latents/big.tar", data), ("meta/small.parquet", data[:1000])):
+        staged = store.staging(rel)
+        staged.write_bytes(blob)
+        store.publish(staged, rel)
+        assert not staged.exists() and store.read_bytes(rel) == blob
+    assert store.read_range("latents/big.tar", 7 * 2**20, 5) == data[7 * 2**20 : 7 * 2**20 + 5]
+    assert store.list() == ["_commits/m.json", "latents/big.tar", "meta/small.parquet"]
+    assert store.list("latents") == ["latents/big.tar"] and store.size("nope") is None
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="unit/").get("Uploads")
+    with pytest.raises(FileNotFoundError):
+        store.read_bytes("nope")
+
+
+def test_an_upload_killed_midway_shows_nothing_and_its_leftover_is_aborted(s3):
+    """The process dies after the first part of a multipart upload: no object appears, and the
+    next job's cleanup aborts the unfinished upload (no parts are left to pay for)."""
+    script = (
+        "import os; from jobs.dataset.store import S3Store\n"
+        "store = S3Store('s3://outputs/killed', part_bytes=5 * 2**20, single_put_max=5 * 2**20)\n"
+        "staged = store.staging('latents/x.tar'); staged.write_bytes(os.urandom(11 * 2**20))\n"
+        "store.publish(staged, 'latents/x.tar')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env={**os.environ, FAULT_ENV: "mid-upload"})
+    assert result.returncode == -signal.SIGKILL
+    store = S3Store("s3://outputs/killed")
+    assert store.size("latents/x.tar") is None and store.list() == []
+    assert len(s3.client.list_multipart_uploads(Bucket="outputs", Prefix="killed/")["Uploads"]) == 1
+    assert store.cleanup() == 1
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="killed/").get("Uploads")
+    # Its staged file (11 MiB in this machine's staging folder) goes when another process stages one.
+    assert [p.stat().st_size for p in staging_folder().glob("*.tmp")] == [11 * 2**20]
+    store.staging("latents/y.tar").unlink()
+    assert not list(staging_folder().glob("*.tmp"))
+
+
+def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, monkeypatch):
+    monkeypatch.setattr(store_module, "LEASE_S", 2.0)
+    store = S3Store("s3://outputs/leases")
+    with store.lock("a", wait=False):
+        assert store.lock_held("a")
+        with pytest.raises(BlockingIOError), store.lock("a", wait=False):
+            pass
+        time.sleep(3)  # longer than a lease: the holder's renewals keep it
+        with pytest.raises(BlockingIOError), store.lock("a", wait=False):
+            pass
+    assert not store.lock_held("a") and store.size("a") is None
+
+    # A holder killed on this machine: its lease is taken over at once.
+    script = (
+        "import os, signal; from jobs.dataset.store import S3Store\n"
+        "S3Store('s3://outputs/leases').lock('b').__enter__(); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert store.size("b") is not None and not store.lock_held("b")
+    with store.lock("b", wait=False):
+        assert store.lock_held("b")
+
+    # A holder on another machine: held until it has not renewed for a lease's length.
+    s3.client.put_object(Bucket="outputs", Key="leases/c", Body=json.dumps({"host": "elsewhere", "pid": 1}).encode())
+    assert store.lock_held("c")
+    with pytest.raises(BlockingIOError), store.lock("c", wait=False):
+        pass
+    time.sleep(3)
+    assert not store.lock_held("c")
+    with store.lock("c", wait=False):
+        pass
+
+
+def test_a_late_attempt_on_s3_returns_the_committed_marker_and_rewrites_nothing(s3):
+    store = S3Store("s3://outputs/zombie")
+    first, _ = _write(store)
+    marker = first.commit()
+    late, _ = _write(store, keys=("other", "keys"))  # different bytes, to see any overwrite
+    assert late.commit() == marker
+    for part in ("latents", "meta"):
+        assert store.sha256(marker[part]["path"]) == marker[part]["sha256"]
+    assert read_commit(store, "part-0", verify=True) == marker
+    assert store.list() == ["_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]  # lease released
+    assert not list(staging_folder().glob(f"{os.getpid()}.*"))  # staged files consumed
+
+
+SETTINGS = ["--set", "video.num_frames=8", "--set", "video.height=64", "--set", "video.width=64"]
+SPEC = "s3://inputs/data/shard-*.tar"
+
+
+def precompute(output: str, *extra: str, env: dict[str, str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "jobs.precompute", "--input", SPEC, "--output", output, *SETTINGS, *extra]
+
+
+def clips(root: str | Path) -> list[tuple[str, str, int, str]]:
+    return sorted((r["source"], r["key"], r["clip"], r["status"]) for r in read_metadata(root).to_pylist())
+
+
+def data_objects(root: str | Path) -> dict[str, bytes]:
+    """Every latent tar and Parquet file of an output, local or s3, by name."""
+    store = open_store(root)
+    return {rel: store.read_bytes(rel) for rel in store.list() if rel.endswith((".tar", ".parquet"))}
+
+
+@pytest.fixture(scope="module")
+def local_run(s3, tmp_path_factory) -> Path:
+    """The s3 inputs encoded into a local directory: what every s3 output must equal byte for byte."""
+    out = tmp_path_factory.mktemp("local") / "out"
+    result = subprocess.run(precompute(str(out)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metadata(out).to_pylist()
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert {r["source"] for r in rows} == {f"s3://inputs/data/{p.name}" for p in s3.local}
+    return out
 
 
 @pytest.mark.slow
-def test_a_job_reads_its_shards_from_s3(s3, tmp_path):
-    env, local = s3
-    settings = ["--set", "video.num_frames=8", "--set", "video.height=64", "--set", "video.width=64"]
-    cmd = [sys.executable, "-m", "jobs.precompute", "--input", "s3://inputs/data/shard-*.tar", "--output"]
-    result = subprocess.run([*cmd, str(tmp_path / "out"), *settings], capture_output=True, text=True, timeout=300)
+def test_a_job_with_s3_input_and_output_reads_back_everywhere(s3, local_run, tmp_path):
+    out = "s3://outputs/run"
+    result = subprocess.run(precompute(out), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = read_metadata(tmp_path / "out").to_pylist()
-    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
-    assert {r["source"] for r in rows} == {f"s3://inputs/data/{p.name}" for p in local}
+    assert data_objects(out) == data_objects(local_run)  # the same bytes as a local output
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="run/").get("Uploads")
+    listed = {o["Key"] for o in s3.client.list_objects_v2(Bucket="outputs", Prefix="run/")["Contents"]}
+    assert {"run/job.json", "run/manifest.json", "run/report.json"} <= listed and "run/.lock" not in listed
+
+    # pyarrow over s3 directly, as any Parquet reader would (no project code).
+    fs = pafs.S3FileSystem(endpoint_override=s3.env["AWS_ENDPOINT_URL"], region="us-east-1")
+    direct = pq.read_table("outputs/run/meta/shard-000001.parquet", filesystem=fs)
+    assert direct.to_pylist() == pq.read_table(local_run / "meta/shard-000001.parquet").to_pylist()
+
+    # The project's readers and tools, on the s3 URL.
+    assert read_metadata(out).to_pylist() == read_metadata(local_run).to_pylist()
+    dataset, local = LatentDataset(out), LatentDataset(local_run)
+    assert len(dataset) == 6 and all(torch.equal(dataset[i]["latent"], local[i]["latent"]) for i in range(6))
+    assert len(list(latent_stream(out))) == 6
+    checked = subprocess.run([sys.executable, "-m", "jobs.validate", out], capture_output=True, text=True)
+    assert checked.returncode == 0 and "valid; 3 committed shards, 6 rows" in checked.stdout, checked.stdout
+    state = subprocess.run([sys.executable, "-m", "jobs.status", out, "--json"], capture_output=True, text=True)
+    assert state.returncode == 0 and json.loads(state.stdout)["finished"] is True, state.stdout
+    decoded = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.reconstruct",
+            "--latents",
+            out,
+            "--limit",
+            "1",
+            "--output",
+            str(tmp_path / "recon"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert decoded.returncode == 0, decoded.stderr[-2000:]
+    assert json.loads((tmp_path / "recon" / "report.json").read_text())["latents"] == out
+
+    # A corrupted object is found by validate, and the next run encodes that shard again.
+    s3.client.put_object(Bucket="outputs", Key="run/latents/shard-000002.tar", Body=b"x" * 10)
+    assert (
+        "PROBLEM latents/shard-000002.tar"
+        in subprocess.run([sys.executable, "-m", "jobs.validate", out], capture_output=True, text=True).stdout
+    )
+    again = subprocess.run(precompute(out), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "1 shards to encode (2 already committed)" in again.stderr, again.stderr[-2000:]
+    assert data_objects(out) == data_objects(local_run)
+
+
+@pytest.mark.slow
+def test_a_killed_s3_run_resumes_where_it_stopped(s3, local_run):
+    """The whole job (driver, Ray, actors) is SIGKILLed after its first commit; the rerun takes over
+    the dead job's lease at once, encodes only what is left, and ends with the local run's bytes."""
+    out = "s3://outputs/killed-run"
+    store = open_store(out)
+    job = subprocess.Popen(
+        precompute(out, "--workers", "1"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, FAULT_ENV: "slow-commit"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker_names(store) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.1)
+        assert marker_names(store) and job.poll() is None, "the run ended before it was killed"
+    finally:
+        kill_session(job.pid)
+        job.wait()
+    assert store.exists(".lock") and not store.exists("manifest.json")
+    again = subprocess.run(precompute(out), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    skipped = int(re.search(r"\((\d+) already committed\)", again.stderr).group(1))
+    assert skipped >= 1
+    assert data_objects(out) == data_objects(local_run)
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="killed-run/").get("Uploads")
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_sharing_no_directory_writes_one_s3_output(s3, local_run):
+    """Two nodes of one GPU each (so one actor on each): everything the job writes goes to s3."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2, num_gpus=1)
+        out = "s3://outputs/two-nodes"
+        result = subprocess.run(
+            precompute(out, "--address", cluster.address), capture_output=True, text=True, timeout=400
+        )
+    finally:
+        cluster.shutdown()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoder actors ready: 2 on cpu" in result.stderr
+    report = json.loads(open_store(out).read_bytes("report.json"))
+    assert sorted(report["actors"]) == ["w0", "w1"] and report["ok"] == 6
+    # Declared GPUs make the job resolve bf16 on "cuda" (run on the CPU here): other bytes than the
+    # local run's, the same clips, and a dataset that checks out.
+    assert clips(out) == clips(local_run)
+    assert validate(out).problems == []

@@ -7,13 +7,12 @@ file under a final name, and leftovers of an interrupted write are recognisable 
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-from jobs.dataset.layout import DATA_DIRS, TMP_SUFFIX, is_temporary
+from jobs.dataset.layout import TMP_SUFFIX
 
 
 def temp_path(final: Path) -> Path:
@@ -36,31 +35,3 @@ def sync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Writes JSON to a temporary sibling, fsyncs it, and renames it over `path`."""
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
-        raise
-
-
-def remove_temporaries(root: str | Path) -> int:
-    """Deletes leftovers of interrupted writes; returns how many were removed."""
-    removed = 0
-    for sub in (*DATA_DIRS, ""):
-        base = Path(root) / sub
-        pattern = f".*{TMP_SUFFIX}"
-        for tmp in base.rglob(pattern) if sub else base.glob(pattern):
-            if is_temporary(tmp) and tmp.is_file():
-                tmp.unlink(missing_ok=True)
-                removed += 1
-    return removed

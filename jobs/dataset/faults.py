@@ -4,6 +4,8 @@ Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's 
 
     LATENT_PRECOMPUTE_FAULT=before-marker            SIGKILL the writing process after the data
                                                      files are in place, before the commit marker
+    LATENT_PRECOMPUTE_FAULT=mid-upload               SIGKILL the writing process after the first part of
+                                                     a multipart upload to an object store
     LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
     LATENT_PRECOMPUTE_FAULT=slow-commit              each commit takes a second longer (a slow store)
     LATENT_PRECOMPUTE_FAULT=before-marker@/tmp/once  the same, only the first time (the flag file
@@ -18,7 +20,7 @@ import signal
 import time
 
 FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
-POINTS = ("before-marker", "disk-full", "slow-commit")
+POINTS = ("before-marker", "mid-upload", "disk-full", "slow-commit")
 
 
 def fault(point: str) -> None:

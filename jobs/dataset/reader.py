@@ -1,4 +1,5 @@
-"""Reading a latent dataset: all its metadata, one sample by byte range, or a latent tar in order."""
+"""Reading a latent dataset (a local directory or s3://): all its metadata, one sample by byte range,
+or a latent tar in order."""
 
 from __future__ import annotations
 
@@ -8,29 +9,37 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.layout import META_DIR, SCHEMA
+from jobs.dataset.catalog import Root
+from jobs.dataset.layout import META_DIR, SCHEMA, is_temporary
+from jobs.dataset.store import open_store
 
 
-def read_metadata(root: str | Path) -> pa.Table:
-    """All metadata rows of a dataset as one table."""
-    return pads.dataset(Path(root) / META_DIR, format="parquet", schema=SCHEMA).to_table()
+def read_table(root: Root, rel: str) -> pa.Table:
+    """One Parquet file of the dataset, in the metadata schema."""
+    with open_store(root).open(rel) as f:
+        return pq.read_table(f, schema=SCHEMA)
 
 
-def load_sample(root: str | Path, row: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Loads one sample's tensors by seeking straight to its byte range in the latent tar."""
+def read_metadata(root: Root) -> pa.Table:
+    """All metadata rows of a dataset (every `meta/*.parquet` in place) as one table."""
+    store = open_store(root)
+    files = [rel for rel in store.list(META_DIR) if rel.endswith(".parquet") and not is_temporary(Path(rel))]
+    return pa.concat_tables([read_table(store, rel) for rel in files]) if files else SCHEMA.empty_table()
+
+
+def load_sample(root: Root, row: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Loads one sample's tensors by reading just its byte range of the latent tar."""
     if row["status"] != "ok":
         raise ValueError(f"sample {row['key']} has no latents: {row['error']}")
-    with open(Path(root) / row["shard"], "rb") as f:
-        f.seek(row["offset"])
-        return load_safetensors(f.read(row["size"]))
+    return load_safetensors(open_store(root).read_range(row["shard"], row["offset"], row["size"]))
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yields `(key, tensors)` for every sample of a latent tar, in order."""
+    """Yields `(key, tensors)` for every sample of a local latent tar, in order."""
     with tarfile.open(path, "r:") as tar:
         for member in tar:
             if member.name.endswith(".safetensors"):

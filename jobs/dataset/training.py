@@ -14,7 +14,8 @@
 Only committed shards are read (those whose commit marker carries the job's fingerprint; the
 marker names the Parquet file): a shard being written, or left half-written by a crash, is never
 seen. Each item is read by seeking to its byte range in the latent tar (one open file per tar
-and worker process). `latent_stream` reads the same tars in order with plain webdataset.
+and worker process; on s3://, a ranged read). `latent_stream` reads the same tars in order with
+plain webdataset stages.
 """
 
 from __future__ import annotations
@@ -23,17 +24,16 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 
-import pyarrow.parquet as pq
 import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import Dataset, Sampler
 
-from jobs.dataset.catalog import committed_markers, read_job
-from jobs.dataset.layout import SCHEMA
+from jobs.dataset.catalog import Root, committed_markers, read_job
+from jobs.dataset.reader import read_table
+from jobs.dataset.store import open_store
 
 # The row fields each item carries besides its tensors.
 ITEM_FIELDS = (
@@ -57,7 +57,7 @@ class LatentDataset(Dataset[dict[str, Any]]):
     """The ok clips of a latent dataset, in shard order, as a map-style dataset.
 
     Args:
-        root: The output directory (DIR).
+        root: The output directory (DIR), local or `s3://bucket/prefix`.
         where: Keep only the rows for which this returns true (a row is a dict of the Parquet
             columns: filter on `bucket`, `caption`, `num_frames`, ...).
         posterior_sample: Return a fresh posterior sample from the stored `mean` and `logvar`
@@ -71,16 +71,16 @@ class LatentDataset(Dataset[dict[str, Any]]):
 
     def __init__(
         self,
-        root: str | Path,
+        root: Root,
         where: Callable[[dict[str, Any]], bool] | None = None,
         posterior_sample: bool = False,
         seed: int = 0,
     ) -> None:
-        self.root = Path(root)
-        job = read_job(self.root)
+        self.store = open_store(root)
+        job = read_job(self.store)
         self.rows: list[dict[str, Any]] = []
-        for marker in committed_markers(self.root, job.fingerprint):
-            table = pq.read_table(self.root / marker["meta"]["path"], schema=SCHEMA)
+        for marker in committed_markers(self.store, job.fingerprint):
+            table = read_table(self.store, marker["meta"]["path"])
             self.rows += [r for r in table.to_pylist() if r["status"] == "ok" and (where is None or where(r))]
         if posterior_sample and not job.settings["latents"]["store_posterior"]:
             raise ValueError(f"{root} stores no posterior (latents.store_posterior was off): cannot sample one")
@@ -124,11 +124,11 @@ class LatentDataset(Dataset[dict[str, Any]]):
             self._files, self._pid = {}, os.getpid()
         f = self._files.get(shard)
         if f is None:
-            f = self._files[shard] = open(self.root / shard, "rb")
+            f = self._files[shard] = self.store.open(shard)
         f.seek(offset)
         data = f.read(size)
         if len(data) != size:
-            raise OSError(f"{self.root / shard}: {size} bytes expected at offset {offset}, {len(data)} read")
+            raise OSError(f"{self.store}/{shard}: {size} bytes expected at offset {offset}, {len(data)} read")
         return data
 
     def __getstate__(self) -> dict[str, Any]:
@@ -213,13 +213,23 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def latent_stream(root: str | Path, **webdataset_args: Any) -> wds.WebDataset:
-    """The committed latent tars of `root` in order, as a plain webdataset pipeline of dicts with
-    `latent` (and `mean`/`logvar` when stored), `json` (the sidecar) and `__key__`."""
-    root = Path(root)
-    markers = committed_markers(root, read_job(root).fingerprint)
-    urls = [str(root / m["latents"]["path"]) for m in markers]
-    return wds.WebDataset(urls, shardshuffle=False, **webdataset_args).map(_decode_member)
+def latent_stream(root: Root) -> wds.DataPipeline:
+    """The committed latent tars of `root` (local or s3://) in order, as a webdataset pipeline of
+    dicts with `latent` (and `mean`/`logvar` when stored), `json` (the sidecar) and `__key__`."""
+    store = open_store(root)
+    rels = [m["latents"]["path"] for m in committed_markers(store, read_job(store).fingerprint)]
+
+    def opened(urls: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for sample in urls:
+            yield {**sample, "stream": store.open(sample["url"])}
+
+    return wds.DataPipeline(
+        wds.SimpleShardList(rels),
+        opened,
+        wds.tariterators.tar_file_expander,
+        wds.tariterators.group_by_keys,
+        wds.map(_decode_member),
+    )
 
 
 def _decode_member(sample: dict[str, Any]) -> dict[str, Any]:

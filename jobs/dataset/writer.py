@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save as save_safetensors
 
-from jobs.dataset.atomic import sync_close, sync_dir, temp_path, write_json_atomic
-from jobs.dataset.catalog import file_lock, read_commit
+from jobs.dataset.atomic import sync_close
+from jobs.dataset.catalog import Root, json_bytes, read_commit
 from jobs.dataset.faults import fault
 from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
+from jobs.dataset.store import open_store
 from vae.checkpoint import file_sha256
 from vae.errors import describe_error
 
@@ -93,28 +94,28 @@ class ShardWriter:
     """Writes one latent shard and its metadata, then commits them atomically.
 
     Args:
-        root: Dataset root (DIR).
+        root: Dataset root (DIR: a local path, an `s3://` URL or a `Store`).
         name: Output name of the shard (see `jobs.inputs.shards.Shard.name`).
         source: The input shard, recorded in every row.
         constants: Column values shared by every row (fingerprint and VAE identity).
     """
 
-    def __init__(self, root: str | Path, name: str, source: str, constants: dict[str, Any]) -> None:
-        self.root = Path(root)
+    def __init__(self, root: Root, name: str, source: str, constants: dict[str, Any]) -> None:
+        self.store = open_store(root)
         self.files = ShardFiles(name)
         self.source = source
         self.constants = constants
         self.rows: list[dict[str, Any]] = []
         self._shard_errors = 0
         self._tmp: list[Path] = []
-        self._placed: list[Path] = []  # final names this attempt has renamed into place, until committed
+        self._placed: list[str] = []  # final names this attempt has published, until committed
         self._tar_path = self._temp(self.files.latents)
         self._raw = open(self._tar_path, "wb")
         self._hash = _HashingWriter(self._raw)
         self._tar = tarfile.open(fileobj=self._hash, mode="w", format=tarfile.PAX_FORMAT)
 
     def _temp(self, rel: str) -> Path:
-        tmp = temp_path(self.root / rel)
+        tmp = self.store.staging(rel)
         self._tmp.append(tmp)
         return tmp
 
@@ -192,14 +193,15 @@ class ShardWriter:
         self.add_error(SHARD_ROW_KEY, -self._shard_errors, reason)
 
     def commit(self) -> dict[str, Any]:
-        """Completes the tar and the Parquet file under temporary names (each fsynced), renames
-        both into place, then writes the commit marker: the commit point. Until the marker
-        exists nothing of this shard counts as written, and `abort` removes what was placed.
+        """Completes the tar and the Parquet file as staged files (each fsynced), publishes both
+        under their final names, then creates the commit marker: the commit point. Until the
+        marker exists nothing of this shard counts as written, and `abort` removes what was placed.
 
-        The renames and the marker happen under the shard's commit lock, and only if no attempt
+        Publishing and the marker happen under the shard's commit lock, and only if no attempt
         has committed the shard yet: a late ("zombie") attempt of a shard that was retried and
         committed elsewhere drops its own files and returns the committed marker, so a committed
-        shard is never rewritten."""
+        shard is never rewritten. The marker is created only if absent (a second one is refused
+        by the filesystem or the object store), which holds even if a lock were lost."""
         self._tar.close()
         sync_close(self._raw)
         tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
@@ -214,19 +216,17 @@ class ShardWriter:
             os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
         fault("slow-commit")
-        with file_lock(self.root / self.files.lock):  # one committing attempt at a time
-            existing = read_commit(self.root, self.files.name)
+        with self.store.lock(self.files.lock):  # one committing attempt at a time
+            existing = read_commit(self.store, self.files.name)
             if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:
                 self.abort()  # another attempt committed this shard: its files stay as they are
                 return existing
             return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
 
     def _place(self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int) -> dict[str, Any]:
-        for tmp, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
-            os.replace(tmp, self.root / rel)
-            self._placed.append(self.root / rel)
-        for directory in {p.parent for p in self._placed}:
-            sync_dir(directory)  # the data files' names are on disk before a marker names them
+        for staged, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
+            self.store.publish(staged, rel)  # complete under its final name before a marker names it
+            self._placed.append(rel)
         fault("before-marker")
 
         ok = sum(r["status"] == "ok" for r in self.rows)
@@ -243,10 +243,14 @@ class ShardWriter:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": socket.gethostname(),
         }
-        commit = self.root / self.files.commit
-        write_json_atomic(commit, marker)
+        if not self.store.create(self.files.commit, json_bytes(marker)):
+            # Another attempt's marker came first (its lock was lost): it, and the files it names, stand.
+            existing = read_commit(self.store, self.files.name)
+            if existing is None:
+                raise OSError(f"{self.store}/{self.files.commit}: exists, and is not a marker of these files")
+            self._placed.clear()
+            return existing
         self._placed.clear()  # committed: nothing to take back
-        sync_dir(commit.parent)
         return marker
 
     def _row(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +264,10 @@ class ShardWriter:
         except (OSError, tarfile.TarError):
             pass
         self._raw.close()
-        for path in [*self._tmp, *self._placed]:
+        for path in self._tmp:
             path.unlink(missing_ok=True)
+        for rel in self._placed:
+            self.store.delete(rel)
         self._placed.clear()
 
 

@@ -10,15 +10,15 @@ before the first pattern character), so the name is stable across reruns and `a/
 `b/x.tar` never collide.
 
 A `Storage` lists the shards of a SPEC and opens them for reading; `storage_for(spec)` picks
-one by the SPEC's form. `s3://bucket/prefix/...` (paths, globs, brace patterns, a prefix: every
-`*.tar` under it) goes through pyarrow's S3 filesystem: credentials, region and profiles are the
-AWS SDK's own (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, `AWS_REGION`), and
-`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` names an S3-compatible server (MinIO, moto, Ceph).
+one by the SPEC's form. `s3://bucket/prefix/...` and `gs://...` (paths, globs, brace patterns, a
+prefix: every `*.tar` under it) go through pyarrow's filesystems: credentials, region and
+profiles are the AWS SDK's own (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`,
+`AWS_REGION`), and `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` names an S3-compatible server
+(MinIO, moto, Ceph); see `jobs.objectstore`.
 """
 
 from __future__ import annotations
 
-import functools
 import glob
 import http.client
 import os
@@ -32,6 +32,8 @@ from typing import BinaryIO, Protocol
 import pyarrow.fs as pafs
 from braceexpand import braceexpand
 from webdataset.gopen import gopen
+
+from jobs.objectstore import filesystem, is_object_url, split_url
 
 _PATTERN_CHARS = re.compile(r"[*?\[{]")
 _URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|pipe:)", re.IGNORECASE)
@@ -130,16 +132,17 @@ class ShellStorage:
         return gopen(source)
 
 
-class S3Storage:
-    """`s3://bucket/key` objects through pyarrow's S3 filesystem (no shell, no boto3 needed)."""
+class ObjectStorage:
+    """`s3://bucket/key` and `gs://bucket/key` objects through pyarrow's filesystems (no shell, no
+    boto3 needed; `jobs.objectstore` says which settings they read)."""
 
     def list(self, spec: str) -> list[Shard]:
-        fs = _s3()
-        path = _s3_path(spec)
+        fs = filesystem(spec)
+        scheme, path = split_url(spec)
         root = _fixed_root(path)
         if not _PATTERN_CHARS.search(path) and not path.endswith((".tar", ".tar.gz", ".tgz")):
             root = path.rstrip("/")  # a prefix: every .tar under it
-            keys = [k for k in _s3_keys(fs, root) if k.endswith(".tar")]
+            keys = [k for k in _object_keys(fs, spec, root) if k.endswith(".tar")]
             if not keys:
                 raise ValueError(f"no .tar objects under {spec}")
         else:
@@ -147,32 +150,18 @@ class S3Storage:
             for item in braceexpand(path):
                 if _PATTERN_CHARS.search(item):
                     pattern = _glob_regex(item)
-                    matches = [k for k in _s3_keys(fs, _fixed_root(item)) if pattern.match(k)]
+                    matches = [k for k in _object_keys(fs, spec, _fixed_root(item)) if pattern.match(k)]
                     if not matches:
-                        raise ValueError(f"input pattern s3://{item} matches no object")
+                        raise ValueError(f"input pattern {scheme}://{item} matches no object")
                     keys += matches
                 elif fs.get_file_info(item).type == pafs.FileType.File:
                     keys.append(item)
                 else:
-                    raise ValueError(f"input shard not found: s3://{item}")
-        return [Shard(f"s3://{k}", _strip_tar(k[len(root) + 1 :] if root else k)) for k in keys]
+                    raise ValueError(f"input shard not found: {scheme}://{item}")
+        return [Shard(f"{scheme}://{k}", _strip_tar(k[len(root) + 1 :] if root else k)) for k in keys]
 
     def open(self, source: str) -> BinaryIO:
-        return _s3().open_input_stream(_s3_path(source))  # type: ignore[return-value]
-
-
-@functools.cache
-def _s3() -> pafs.S3FileSystem:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return pafs.S3FileSystem(endpoint_override=endpoint, region=region)
-
-
-def _s3_path(url: str) -> str:
-    path = url[len("s3://") :]
-    if not path or path.startswith("/"):
-        raise ValueError(f"'{url}' names no bucket (s3://bucket/key)")
-    return path
+        return filesystem(source).open_input_stream(split_url(source)[1])  # type: ignore[return-value]
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -203,12 +192,12 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z")
 
 
-def _s3_keys(fs: pafs.S3FileSystem, prefix: str) -> list[str]:
+def _object_keys(fs: pafs.FileSystem, spec: str, prefix: str) -> list[str]:
     """Every object under `bucket/prefix`, sorted (`bucket/key` paths)."""
     try:
         infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True))
     except (OSError, FileNotFoundError) as e:
-        raise ValueError(f"cannot list s3://{prefix}: {e}") from None
+        raise ValueError(f"cannot list {spec.partition('://')[0]}://{prefix}: {e}") from None
     return sorted(i.path for i in infos if i.type == pafs.FileType.File)
 
 
@@ -234,10 +223,10 @@ def storage_for(spec: str, allow_shell: bool = False) -> Storage:
         return LocalStorage()
     if spec.lower().startswith(("http://", "https://")):
         return HttpStorage()
-    if spec.startswith("s3://"):
-        return S3Storage()
+    if is_object_url(spec):
+        return ObjectStorage()
     raise ValueError(
-        f"cannot read '{spec}': the inputs are local paths, s3:// or http(s):// URLs, or pipe: commands "
+        f"cannot read '{spec}': the inputs are local paths, s3://, gs:// or http(s):// URLs, or pipe: commands "
         "(with --allow-shell)"
     )
 

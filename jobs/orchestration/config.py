@@ -140,10 +140,10 @@ class JobConfig:
             raise UsageError("no input given (--input SPEC)")
         if not self.output:
             raise UsageError("no output directory given (--output DIR)")
-        if re.match(r"^[a-z][a-z0-9+.-]*://", self.output, re.IGNORECASE):
+        if re.match(r"^[a-z][a-z0-9+.-]*://", self.output, re.IGNORECASE) and not self.output.startswith("s3://"):
             raise UsageError(
-                f"cannot write to '{self.output}': the output is a local or mounted directory "
-                "(object-store output, s3:// included, is not supported yet; inputs may be s3://)"
+                f"cannot write to '{self.output}': the output is a local or mounted directory or an s3:// prefix "
+                "(gs:// and http(s):// can be read as inputs, not written)"
             )
         for name, value in [
             ("video.num_frames", self.video.num_frames),

@@ -12,24 +12,24 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import ray
 
-from jobs.dataset.atomic import remove_temporaries, write_json_atomic
 from jobs.dataset.catalog import (
     DatasetBusy,
     DatasetError,
     JobRecord,
     committed,
     existing_job,
+    json_bytes,
     output_lock,
     withdraw_commit,
     write_job,
     write_manifest,
 )
 from jobs.dataset.layout import REPORT_FILE
+from jobs.dataset.store import open_store
 from jobs.inputs.shards import Shard, count_samples
 from jobs.orchestration.config import JobConfig, Terminated, UsageError
 from jobs.orchestration.pool import EncoderPool, connect, schedule, worker_count
@@ -52,7 +52,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
     shards = check_config(config, allow_shell)
     with ExitStack() as held:
         try:  # before the cluster starts: a second job on the same directory is refused at once
-            held.enter_context(output_lock(Path(config.output).resolve()))
+            held.enter_context(output_lock(config.output))
         except DatasetBusy as e:
             raise UsageError(str(e)) from None
         owns_ray = connect(config.run.address)
@@ -82,7 +82,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 finally:
                     bar.close()
                     pool.shutdown()
-            remove_temporaries(plan.root)
+            open_store(plan.root).cleanup()
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)
@@ -101,7 +101,7 @@ def _write_report(plan: Plan, summary: Summary, started: float) -> None:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": sys.argv,
     }
-    write_json_atomic(plan.root / REPORT_FILE, report)
+    open_store(plan.root).write(REPORT_FILE, json_bytes(report))
 
 
 def prepare_output(plan: Plan) -> None:
@@ -116,9 +116,9 @@ def prepare_output(plan: Plan) -> None:
             f"{plan.root} holds latents made with other settings ({'; '.join(changed) or 'format'}); "
             "use a new --output directory, or the original settings to resume"
         )
-    removed = remove_temporaries(plan.root)
+    removed = open_store(plan.root).cleanup()
     if removed:
-        log.warning("removed %d temporary files left by an interrupted run", removed)
+        log.warning("removed %d temporary files or unfinished uploads left by an interrupted run", removed)
     earlier = previous.inputs if previous is not None else []  # a rerun with other inputs adds to the dataset
     write_job(
         plan.root,
@@ -141,8 +141,11 @@ def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
 
     The marker of such a shard (its files corrupted, other settings) is removed first: the shard is
     not committed, and a marker left in place would make its new attempt take it for committed."""
+    # sha256 checks read every byte: worth it on a disk (bit rot, a hand-edited file), not on an
+    # object store, which checks each upload's checksum and keeps what it stored (sizes suffice).
+    verify = not open_store(plan.root).checksummed
     with ThreadPoolExecutor(8) as pool:
-        done = list(pool.map(lambda s: _committed(plan, s, verify=True) is not None, shards))
+        done = list(pool.map(lambda s: _committed(plan, s, verify) is not None, shards))
     pending = [s for s, d in zip(shards, done) if not d]
     for shard in pending:
         if withdraw_commit(plan.root, shard.name):

@@ -15,10 +15,10 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from jobs.dataset.layout import FORMAT_VERSION
+from jobs.dataset.store import open_store
 from jobs.inputs.buckets import bucket_table
 from jobs.inputs.sampling import ClipRequest
 from jobs.inputs.shards import Shard, list_shards
@@ -37,7 +37,7 @@ from vae import (
 @dataclass
 class Plan:
     config: JobConfig  # with vae.dtype and paths resolved
-    root: Path
+    root: str  # the output: a resolved local path or an s3:// URL (`jobs.dataset.store.open_store` opens it)
     shards: list[Shard]
     settings: dict[str, Any]  # everything that determines the output bytes
     fingerprint: str
@@ -179,7 +179,7 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool, allow_shel
         "shift_factor": preset.shift_factor,
         "scaling": preset.scaling,
     }
-    return Plan(config, Path(config.output).resolve(), shards, settings, fp, constants, allow_shell)
+    return Plan(config, open_store(config.output).url, shards, settings, fp, constants, allow_shell)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

@@ -1,0 +1,545 @@
+"""Where a dataset lives: a local (or mounted) directory or an `s3://bucket/prefix`, behind one interface.
+
+Every reader and writer of the format names files relative to the dataset root and asks its
+`Store`; `open_store(root)` picks one by the root's form. What each guarantee rests on:
+
+- A data file appears complete. Local: written to a temporary beside it, fsynced, renamed. s3:
+  staged in a local file, then one PUT (small) or a multipart upload completed last and aborted
+  on failure.
+- The commit marker is written once. Local: `link()` of an fsynced temporary, which fails if the
+  marker exists. s3: a PUT with `If-None-Match: *`, which the store refuses if the object exists
+  (AWS S3, MinIO, moto); on a store without conditional writes, a check before the PUT.
+- One writer at a time. Local: `flock` (released with its process). s3: a lease object created
+  with `If-None-Match`, renewed with `If-Match` every LEASE_S / 4 seconds, taken over (by a
+  conditional delete) once not renewed for LEASE_S seconds, or at once when its process is gone
+  from this machine.
+- Leftovers of a killed write. Local: `.<name>.<random>.tmp` files, removed by `cleanup`. s3:
+  multipart uploads never completed (no reader sees them), aborted by `cleanup`.
+
+Reads go through pyarrow's filesystems (seekable, ranged); writes to s3 through boto3, which has
+the conditional requests and explicit multipart uploads (see `jobs.objectstore`).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow.fs as pafs
+
+from jobs.dataset.atomic import sync_dir, temp_path
+from jobs.dataset.faults import fault
+from jobs.dataset.layout import DATA_DIRS, TMP_SUFFIX, is_temporary
+from jobs.objectstore import filesystem, is_object_url, s3_client, split_url
+
+LEASE_S = 60.0  # an s3 lock not renewed for this long is abandoned
+SINGLE_PUT_MAX = 16 * 2**20  # bytes: larger objects go up as multipart uploads
+PART_BYTES = 64 * 2**20  # bytes per part (S3 takes 5 MiB to 5 GiB, at most 10,000 parts)
+
+
+class Store(ABC):
+    """A dataset root; every name is a `/`-separated path relative to it."""
+
+    url: str  # how the root is named to the user and to other processes (`open_store(url)` reopens it)
+    checksummed: bool = False  # the storage checks every write's checksum and keeps what it stored
+
+    @abstractmethod
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole file. Raises FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def open(self, rel: str) -> BinaryIO:
+        """A seekable binary file for reading. Raises FileNotFoundError if there is none."""
+
+    @abstractmethod
+    def size(self, rel: str) -> int | None:
+        """The file's size in bytes; None if there is no such file."""
+
+    @abstractmethod
+    def list(self, folder: str = "") -> list[str]:
+        """Every file under `folder` (recursively, temporaries included), sorted, relative to the root."""
+
+    @abstractmethod
+    def write(self, rel: str, data: bytes) -> None:
+        """Replaces the file with `data`, all or nothing (job.json, manifest.json, report.json)."""
+
+    @abstractmethod
+    def create(self, rel: str, data: bytes) -> bool:
+        """Writes `data` only if there is no such file yet (the commit marker); False if there was."""
+
+    @abstractmethod
+    def delete(self, rel: str) -> bool:
+        """Removes the file; True if there was one."""
+
+    @abstractmethod
+    def staging(self, rel: str) -> Path:
+        """A fresh local file to write the data of `rel` into before `publish`."""
+
+    @abstractmethod
+    def publish(self, staged: Path, rel: str) -> None:
+        """Makes a staged file appear complete under `rel` (and consumes the staged file)."""
+
+    @abstractmethod
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[None]:
+        """Holds an exclusive lock named `rel` (one job per dataset, one committing attempt per shard).
+
+        Raises:
+            BlockingIOError: Another process holds it and `wait` is false.
+        """
+
+    @abstractmethod
+    def lock_held(self, rel: str) -> bool:
+        """Whether some process holds the lock `rel` now."""
+
+    @abstractmethod
+    def cleanup(self) -> int:
+        """Removes what interrupted writes left (temporaries, unfinished uploads); how many."""
+
+    def exists(self, rel: str) -> bool:
+        return self.size(rel) is not None
+
+    def sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.open(rel) as f:
+            while chunk := f.read(8 * 2**20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def read_range(self, rel: str, offset: int, size: int) -> bytes:
+        with self.open(rel) as f:
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"{self.url}/{rel}: {size} bytes expected at offset {offset}, {len(data)} read")
+        return data
+
+    def __str__(self) -> str:
+        return self.url
+
+
+class LocalStore(Store):
+    """A directory on a local or mounted filesystem (NFS, Lustre, a cloud disk)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+        self.url = str(self.root)
+
+    def _path(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._path(rel).read_bytes()
+
+    def open(self, rel: str) -> BinaryIO:
+        return open(self._path(rel), "rb")
+
+    def size(self, rel: str) -> int | None:
+        path = self._path(rel)
+        return path.stat().st_size if path.is_file() else None
+
+    def list(self, folder: str = "") -> list[str]:
+        base = self._path(folder)
+        if not base.is_dir():
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def write(self, rel: str, data: bytes) -> None:
+        tmp = self._write_temporary(rel, data)
+        try:
+            os.replace(tmp, self._path(rel))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        sync_dir(tmp.parent)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        tmp = self._write_temporary(rel, data)
+        try:
+            os.link(tmp, self._path(rel))  # fails if the name exists: no second marker
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        sync_dir(tmp.parent)
+        return True
+
+    def _write_temporary(self, rel: str, data: bytes) -> Path:
+        tmp = temp_path(self._path(rel))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
+            raise
+        return tmp
+
+    def delete(self, rel: str) -> bool:
+        path = self._path(rel)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        sync_dir(path.parent)
+        return True
+
+    def staging(self, rel: str) -> Path:
+        return temp_path(self._path(rel))  # beside the final name: the rename stays on one filesystem
+
+    def publish(self, staged: Path, rel: str) -> None:
+        final = self._path(rel)
+        os.replace(staged, final)
+        sync_dir(final.parent)  # the name is on disk before a marker names it
+
+    @contextmanager
+    def lock(self, rel: str, wait: bool = True) -> Iterator[None]:
+        with file_lock(self._path(rel), wait):
+            yield
+
+    def lock_held(self, rel: str) -> bool:
+        try:
+            fd = os.open(self._path(rel), os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def cleanup(self) -> int:
+        removed = 0
+        for sub in (*DATA_DIRS, ""):
+            base = self._path(sub)
+            pattern = f".*{TMP_SUFFIX}"
+            for tmp in base.rglob(pattern) if sub else base.glob(pattern):
+                if is_temporary(tmp) and tmp.is_file():
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+
+@contextmanager
+def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
+    """Holds the kernel's exclusive lock (`flock`) on `path`, created with its folder if needed; a
+    killed holder's lock goes with its process.
+
+    Raises:
+        BlockingIOError: Another process holds it and `wait` is false.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+
+
+class S3Store(Store):
+    """`s3://bucket/prefix`: objects under the prefix, on AWS S3 or an S3-compatible server.
+
+    boto3 sends a checksum with every upload (CRC32 by default), which the server checks.
+
+    Args:
+        url: `s3://bucket/prefix`.
+        part_bytes: Bytes per part of a multipart upload (and the size above which one is used).
+    """
+
+    def __init__(self, url: str, part_bytes: int = PART_BYTES, single_put_max: int = SINGLE_PUT_MAX) -> None:
+        _, path = split_url(url.rstrip("/"))
+        self.bucket, _, self.prefix = path.partition("/")
+        self.url = f"s3://{path}"
+        self.part_bytes = part_bytes
+        self.single_put_max = single_put_max
+        self.conditional = True  # cleared when the server refuses conditional writes
+        self.checksummed = True
+
+    def _key(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}".strip("/") if self.prefix else rel
+
+    def _path(self, rel: str) -> str:
+        return f"{self.bucket}/{self._key(rel)}"
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.open(rel) as f:
+            return f.read()
+
+    def open(self, rel: str) -> BinaryIO:
+        try:
+            return filesystem(self.url).open_input_file(self._path(rel))  # type: ignore[return-value]
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if "NoSuchKey" in str(e) or "does not exist" in str(e) or "Path does not exist" in str(e):
+                raise FileNotFoundError(f"{self.url}/{rel}") from None
+            raise
+
+    def size(self, rel: str) -> int | None:
+        info = filesystem(self.url).get_file_info(self._path(rel))
+        return info.size if info.type == pafs.FileType.File else None
+
+    def list(self, folder: str = "") -> list[str]:
+        base = self._path(folder).rstrip("/")
+        try:
+            infos = filesystem(self.url).get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except FileNotFoundError:
+            return []
+        start = len(f"{self.bucket}/{self.prefix}".rstrip("/")) + 1
+        return sorted(i.path[start:] for i in infos if i.type == pafs.FileType.File)
+
+    def write(self, rel: str, data: bytes) -> None:
+        s3_client().put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
+
+    def create(self, rel: str, data: bytes) -> bool:
+        client = s3_client()
+        if self.conditional:
+            try:
+                client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
+                return True
+            except client.exceptions.ClientError as e:
+                code = _error_code(e)
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if code not in ("NotImplemented", "InvalidArgument", "AccessDenied"):
+                    raise
+                self.conditional = False  # a store without conditional writes: check, then put
+        if self.exists(rel):
+            return False
+        self.write(rel, data)
+        return True
+
+    def delete(self, rel: str) -> bool:
+        if not self.exists(rel):
+            return False
+        s3_client().delete_object(Bucket=self.bucket, Key=self._key(rel))
+        return True
+
+    def staging(self, rel: str) -> Path:
+        """A file in this machine's staging folder, named by this process (`<pid>.<random>.tmp`);
+        staged files of processes that died (a killed upload) are removed first."""
+        folder = staging_folder()
+        _sweep_staging(folder)
+        fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}.", suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        return Path(name)
+
+    def publish(self, staged: Path, rel: str) -> None:
+        """One PUT for a small file; else a multipart upload whose completion (last) makes the object
+        appear, and which is aborted if any part fails. A killed process leaves an unfinished upload,
+        which no reader sees and `cleanup` aborts."""
+        client, key = s3_client(), self._key(rel)
+        try:
+            size = staged.stat().st_size
+            if size <= self.single_put_max:
+                with open(staged, "rb") as f:
+                    client.put_object(Bucket=self.bucket, Key=key, Body=f)
+                return
+            upload = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+            try:
+                parts = []
+                with open(staged, "rb") as f:
+                    while chunk := f.read(self.part_bytes):
+                        number = len(parts) + 1
+                        etag = client.upload_part(
+                            Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=chunk
+                        )["ETag"]
+                        parts.append({"PartNumber": number, "ETag": etag})
+                        fault("mid-upload")
+                client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+                )
+            except BaseException:
+                client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+                raise
+        finally:
+            staged.unlink(missing_ok=True)
+
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[None]:
+        return _Lease(self.bucket, self._key(rel), wait)
+
+    def lock_held(self, rel: str) -> bool:
+        state = _lease_state(self.bucket, self._key(rel))
+        return state is not None and not state["abandoned"]
+
+    def cleanup(self) -> int:
+        """Aborts every unfinished multipart upload under the prefix (the job holds the dataset's
+        lock when it calls this, so they are all of attempts that died)."""
+        client, aborted = s3_client(), 0
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
+
+def staging_folder() -> Path:
+    """Where data bound for an object store is staged on this machine (`$TMPDIR/latent-precompute`)."""
+    folder = Path(tempfile.gettempdir()) / "latent-precompute"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _sweep_staging(folder: Path) -> None:
+    for path in folder.glob(f"*{TMP_SUFFIX}"):
+        pid = path.name.split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _error_code(error: Exception) -> str:
+    return str(getattr(error, "response", {}).get("Error", {}).get("Code", ""))
+
+
+# This process as a lease owner: host, boot and pid namespace make a pid comparable.
+def _process_identity() -> dict[str, Any]:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, namespace = "", 0
+    return {"host": socket.gethostname(), "boot": boot, "pidns": namespace, "pid": os.getpid()}
+
+
+def _owner_gone(owner: dict[str, Any]) -> bool:
+    """Whether the lease's owner is a process of this machine (and pid namespace) that has exited."""
+    me = _process_identity()
+    if any(owner.get(k) != me[k] for k in ("host", "boot", "pidns")) or not me["boot"]:
+        return False
+    try:
+        return not _pid_alive(int(owner["pid"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _lease_state(bucket: str, key: str) -> dict[str, Any] | None:
+    """The lease object's ETag, owner and whether it is abandoned; None if there is none."""
+    client = s3_client()
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+    except client.exceptions.ClientError as e:
+        if _error_code(e) in ("NoSuchKey", "404"):
+            return None
+        raise
+    body = response["Body"].read()
+    try:
+        owner = json.loads(body)
+    except ValueError:
+        owner = {}
+    # Both times are the server's: no clock of ours is compared with another machine's.
+    now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    age = (now - response["LastModified"]).total_seconds()
+    return {"etag": response["ETag"], "owner": owner, "abandoned": age > LEASE_S or _owner_gone(owner)}
+
+
+class _Lease(AbstractContextManager[None]):
+    """An exclusive lock on an object store: a lease object created only if absent, renewed by a
+    thread while held, deleted on release; one left by a dead or silent holder is taken over."""
+
+    def __init__(self, bucket: str, key: str, wait: bool) -> None:
+        self.bucket, self.key, self.wait = bucket, key, wait
+        self.owner = {**_process_identity(), "lease": uuid.uuid4().hex}
+        self.beats = 0
+        self.etag = ""
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    def __enter__(self) -> None:
+        client = s3_client()
+        while True:
+            try:
+                self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")[
+                    "ETag"
+                ]
+                break
+            except client.exceptions.ClientError as e:
+                if _error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    raise
+            state = _lease_state(self.bucket, self.key)
+            if state is not None and state["abandoned"]:
+                try:  # only the lease we judged: a holder that renewed it meanwhile keeps it
+                    client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=state["etag"])
+                except client.exceptions.ClientError as e:
+                    if _error_code(e) not in ("PreconditionFailed", "NoSuchKey", "404"):
+                        raise
+                continue
+            if not self.wait:
+                raise BlockingIOError(f"s3://{self.bucket}/{self.key} is held by {state and state['owner']}")
+            time.sleep(0.5)
+        self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
+        self._renewer.start()
+
+    def _body(self) -> bytes:
+        """The lease's content; every renewal differs (so its ETag does, and a conditional delete
+        by a process that judged an older one fails)."""
+        self.beats += 1
+        return json.dumps({**self.owner, "beat": self.beats}).encode()
+
+    def _renew(self) -> None:
+        client = s3_client()
+        while not self._stop.wait(LEASE_S / 4):
+            try:
+                self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag)[
+                    "ETag"
+                ]
+            except client.exceptions.ClientError:
+                self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
+                return
+            except Exception:  # a network error: try again at the next beat
+                continue
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self.lost.is_set():
+            return
+        client = s3_client()
+        try:
+            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+        except client.exceptions.ClientError:
+            pass  # no longer ours
+
+
+def open_store(root: str | Path | Store) -> Store:
+    """The store of a dataset root: a `Store` as it is, `s3://bucket/prefix`, or a local path.
+
+    Raises:
+        ValueError: A URL of a scheme the dataset cannot be kept in (gs://, http://, ...).
+    """
+    if isinstance(root, Store):
+        return root
+    text = str(root)
+    if text.startswith("s3://"):
+        return S3Store(text)
+    if is_object_url(text) or "://" in text:
+        raise ValueError(
+            f"cannot keep a dataset at '{text}': the output is a local or mounted directory or an s3:// prefix "
+            "(gs:// and other schemes can be read as inputs, not written)"
+        )
+    return LocalStore(text)

@@ -1,0 +1,89 @@
+"""Connections to object stores, shared by the input side and the dataset format (a leaf: it imports
+nothing of the project).
+
+Reading (input shards, and every reader of an output on s3://) goes through pyarrow's filesystems:
+its C++ client does ranged, seekable reads and needs nothing beyond pyarrow. Writing an output
+goes through boto3, because the commit protocol needs what pyarrow's filesystem API does not
+offer: conditional writes (`If-None-Match: *` to create, `If-Match` to renew or delete a lease),
+multipart uploads that are completed or aborted explicitly (pyarrow's output stream completes its
+upload when it is closed or garbage-collected, which would publish a half-written object), and the
+listing of abandoned uploads.
+
+Both read the standard AWS settings: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_REGION`, and `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`
+for an S3-compatible server (MinIO, Ceph, moto). `gs://` is read through pyarrow's GCS filesystem
+(Google's default credentials; `STORAGE_EMULATOR_HOST` names an emulator).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import pyarrow.fs as pafs
+
+SCHEMES = ("s3://", "gs://")
+
+
+def is_object_url(url: str) -> bool:
+    """Whether `url` names an object store that pyarrow can read (`s3://`, `gs://`)."""
+    return url.startswith(SCHEMES)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("s3", "bucket/a/b"), the path as pyarrow's filesystems name it.
+
+    Raises:
+        ValueError: A URL without a bucket.
+    """
+    scheme, _, path = url.partition("://")
+    if not path or path.startswith("/"):
+        raise ValueError(f"'{url}' names no bucket ({scheme}://bucket/key)")
+    return scheme, path
+
+
+def endpoint() -> str | None:
+    """The S3-compatible server the settings name, or None for AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(url: str) -> pafs.FileSystem:
+    """The pyarrow filesystem that reads `url` (paths on it are `bucket/key`)."""
+    scheme, _ = split_url(url)
+    if scheme == "s3":
+        return _s3(endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    if scheme == "gs":
+        return _gcs(os.environ.get("STORAGE_EMULATOR_HOST"))
+    raise ValueError(f"'{url}': not an object store URL (s3:// or gs://)")
+
+
+@functools.cache
+def _s3(endpoint_url: str | None, region: str | None) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=endpoint_url, region=region)
+
+
+@functools.cache
+def _gcs(emulator: str | None) -> pafs.GcsFileSystem:
+    if emulator:  # e.g. http://127.0.0.1:4443 (fake-gcs-server): no credentials
+        scheme, _, host = emulator.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme or "http")
+    return pafs.GcsFileSystem()
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the settings above (boto3 reads them itself), one per process.
+
+    Raises:
+        ImportError: boto3 is not installed (it is a dependency of the project).
+    """
+    return _client(endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+
+
+@functools.cache
+def _client(endpoint_url: str | None, region: str | None) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
