@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                               # CPU, flux-ae-tiny, 48 clips
     python benchmarks/throughput.py --clips 200 --preset hunyuan-vae-tiny --frames 9
     python benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256
+    python benchmarks/throughput.py --clips 96 --readme README.md  # and rewrite the README's table
 
 Measures, on the same clips, VAE and cores:
 - decode only: the video path (PyAV decode, sampling, resize, crop), in-process on one thread and
@@ -17,6 +18,9 @@ Measures, on the same clips, VAE and cores:
   `write_parquet` (needs pandas: `pip install pandas`; skipped without it).
 
 Prints one JSON line per measurement and a table with the ratios the targets are stated in.
+With `--readme FILE`, the results table between the `<!-- throughput:begin -->` and
+`<!-- throughput:end -->` lines of FILE is replaced by this run's (hardware, settings, the
+command, each figure beside the bound it is measured against).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -240,6 +248,7 @@ def main() -> None:
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-processes", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak (H100/H200 SXM bf16: 989), for MFU")
+    parser.add_argument("--readme", type=Path, help="rewrite the results table of this Markdown file")
     args = parser.parse_args()
     request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size)
     results: list[dict[str, Any]] = []
@@ -281,6 +290,65 @@ def main() -> None:
         print(f"job / Ray Data = {job / rate['baseline: Ray Data']:.2f}")
     else:
         print("Ray Data baseline skipped (pip install pandas)")
+    if args.readme:
+        figures = {"bound": bound, "job": job, "job_with_startup": job_with_startup, "startup": startup}
+        replace_table(args.readme, results_table(results, rate, figures, args))
+        print(f"rewrote the results table of {args.readme}")
+
+
+BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
+
+
+def hardware(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} CPU cores"
+    model = ""
+    try:
+        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        model = found.group(1).strip() if found else ""
+    except OSError:
+        pass
+    return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
+
+
+def results_table(
+    results: list[dict[str, Any]], rate: dict[str, float], figures: dict[str, float], args: argparse.Namespace
+) -> str:
+    """The README's block: what ran where, each figure, and its ratio to what it is measured against."""
+    bound, job = figures["bound"], figures["job"]
+    loop = rate["baseline: single-process loop"]
+    data = rate.get("baseline: Ray Data")
+    command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    lines = [
+        BEGIN,
+        f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
+        f"{args.frames}x{args.size}x{args.size} clips, batch {args.batch}, {args.decode_processes} decoding "
+        f"processes, {args.workers} encoder actor(s) of {args.cpus_per_worker} threads. Command: `{command}` "
+        f"({time.strftime('%Y-%m-%d')}).",
+        "",
+        "| measurement | frames | seconds | frames/s | against |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    against = {
+        "job, end to end": f"{job / bound:.2f} of the bound (target 0.9)",
+        "baseline: single-process loop": (
+            f"the job with Ray's start-up: {figures['job_with_startup'] / loop:.2f}x this (target 0.9)"
+        ),
+        "baseline: Ray Data": f"the job: {job / data:.2f}x this (target 1.5)" if data else "",
+    }
+    for r in results:
+        cells = [r["name"], r["frames"], r["seconds"], r["frames_per_s"] or "", against.get(r["name"], "")]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += [f"| bound 1/(1/decode + 1/encode) | | | {bound:.1f} | the limit of these cores |", END]
+    return "\n".join(lines)
+
+
+def replace_table(path: Path, block: str) -> None:
+    text = path.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path} has no {BEGIN} ... {END} block to rewrite")
+    path.write_text(text[:start] + block + text[end + len(END) :])
 
 
 if __name__ == "__main__":
