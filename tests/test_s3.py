@@ -153,13 +153,13 @@ def test_an_upload_killed_midway_shows_nothing_and_its_leftover_is_aborted(s3):
 
 
 def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, monkeypatch):
-    monkeypatch.setattr(store_module, "LEASE_S", 2.0)
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)  # renewed every second; times on the server are whole seconds
     store = S3Store("s3://outputs/leases")
     with store.lock("a", wait=False):
         assert store.lock_held("a")
         with pytest.raises(BlockingIOError), store.lock("a", wait=False):
             pass
-        time.sleep(3)  # longer than a lease: the holder's renewals keep it
+        time.sleep(5)  # longer than a lease: the holder's renewals keep it
         with pytest.raises(BlockingIOError), store.lock("a", wait=False):
             pass
     assert not store.lock_held("a") and store.size("a") is None
@@ -179,7 +179,7 @@ def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, mon
     assert store.lock_held("c")
     with pytest.raises(BlockingIOError), store.lock("c", wait=False):
         pass
-    time.sleep(3)
+    time.sleep(5)
     assert not store.lock_held("c")
     with store.lock("c", wait=False):
         pass

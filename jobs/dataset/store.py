@@ -256,7 +256,8 @@ class S3Store(Store):
 
     Args:
         url: `s3://bucket/prefix`.
-        part_bytes: Bytes per part of a multipart upload (and the size above which one is used).
+        part_bytes: Bytes per part of a multipart upload.
+        single_put_max: Objects up to this size go up in one PUT; larger ones as multipart uploads.
     """
 
     def __init__(self, url: str, part_bytes: int = PART_BYTES, single_put_max: int = SINGLE_PUT_MAX) -> None:
@@ -284,7 +285,7 @@ class S3Store(Store):
         except FileNotFoundError:
             raise
         except OSError as e:
-            if "NoSuchKey" in str(e) or "does not exist" in str(e) or "Path does not exist" in str(e):
+            if "NoSuchKey" in str(e) or "does not exist" in str(e):
                 raise FileNotFoundError(f"{self.url}/{rel}") from None
             raise
 
@@ -314,7 +315,7 @@ class S3Store(Store):
                 code = _error_code(e)
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
-                if code not in ("NotImplemented", "InvalidArgument", "AccessDenied"):
+                if code not in ("NotImplemented", "InvalidArgument"):  # a store without the header
                     raise
                 self.conditional = False  # a store without conditional writes: check, then put
         if self.exists(rel):
