@@ -29,8 +29,8 @@ def status(root: Root) -> dict[str, Any]:
     Raises:
         DatasetError: `root` is not a latent dataset.
     """
-    job = read_job(root)
     store = open_store(root)
+    job = read_job(store)
     markers = committed_markers(store, job.fingerprint)
     done = {m["source"] for m in markers}
     report: dict[str, Any] | None = None

@@ -56,8 +56,8 @@ def validate(root: Root, quick: bool = False) -> Report:
     Raises:
         DatasetError: `root` is not a latent dataset.
     """
-    job = read_job(root)
     store = open_store(root)
+    job = read_job(store)
     report = Report()
     named: set[str] = set()
     markers: dict[str, dict[str, Any]] = {}
