@@ -141,9 +141,15 @@ def test_a_full_disk_commits_nothing_and_a_rerun_completes(data, clean, tmp_path
 
 
 def test_sigterm_of_the_driver_stops_cleanly_and_a_rerun_completes(data, clean, tmp_path):
-    out = tmp_path / "out"
-    first = start(data, out, "--workers", "1")
+    """The SIGTERM lands while one actor has published a shard's files and not yet its marker
+    (it hangs there) and the other has committed shards: the stop removes the unfinished shard."""
+    out, flag = tmp_path / "out", tmp_path / "hung"
+    first = start(data, out, "--workers", "2", env={FAULT_ENV: f"hang-before-marker@{flag}"})
     wait_for_commits(out, 1, first)
+    while not flag.exists() and first.poll() is None:
+        time.sleep(0.05)
+    committed = {p.stem for p in (out / "_commits").glob("*.json")}
+    assert {Path(k).stem for k in data_files(out)} - committed, "no shard was caught between its files and marker"
     os.kill(first.pid, signal.SIGTERM)  # a preemption
     _, stderr = first.communicate(timeout=120)
     assert first.returncode == 143, stderr[-2000:]

@@ -14,7 +14,7 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.catalog import read_commit
+from jobs.dataset.catalog import read_commit, remove_uncommitted
 from jobs.dataset.layout import SCHEMA
 from jobs.dataset.reader import iter_shard, load_sample, read_metadata
 from jobs.dataset.store import LocalStore, open_store
@@ -117,11 +117,45 @@ def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
     (tmp_path / blocked).mkdir(parents=True)  # a non-empty folder where the file must go
     (tmp_path / blocked / "x").touch()
     writer, _ = _write(tmp_path)
+    store, deleted = writer.store, []
+    real_delete = store.delete
+
+    def delete(rel):  # the real delete, noting whether the shard's commit lock is held meanwhile
+        deleted.append((rel, store.lock_held("_commits/.part-0.lock")))
+        return real_delete(rel)
+
+    store.delete = delete
     with pytest.raises(OSError):
         writer.commit()
+    # What it had published is taken back before the lock is let go: a later attempt that commits
+    # the shard once the lock is free never has its files removed by this one.
+    assert ("latents/part-0.tar", True) in deleted and all(held for _, held in deleted)
+    assert [f for f in _files(tmp_path) if not f.endswith(".tmp")] == [f"{blocked}/x"]  # no final file
     writer.abort()
-    assert _files(tmp_path) == [f"{blocked}/x"]  # no tar, no Parquet file, no marker, no temporary
+    assert _files(tmp_path) == [f"{blocked}/x"]  # and no temporary
     assert read_commit(tmp_path, "part-0") is None
+
+
+def test_a_stopped_job_removes_shards_left_between_their_files_and_marker(tmp_path):
+    """`remove_uncommitted`: a shard with files and no marker goes; a committed one stays, and so
+    does one whose commit lock an attempt holds (it is still committing)."""
+    _write(tmp_path, "done")[0].commit()
+    for name in ("orphan", "dir/orphan", "busy"):
+        writer, _ = _write(tmp_path, name)
+        writer.commit()
+        (tmp_path / "_commits" / f"{name}.json").unlink()  # as if killed just before its marker
+    lock = tmp_path / "_commits" / ".busy.lock"
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert remove_uncommitted(tmp_path, patience=0.5) == ["dir/orphan", "orphan"]
+    assert _files(tmp_path) == [
+        "_commits/done.json",
+        "latents/busy.tar",
+        "latents/done.tar",
+        "meta/busy.parquet",
+        "meta/done.parquet",
+    ]
+    assert remove_uncommitted(tmp_path) == ["busy"]  # its lock is free now
 
 
 def test_a_late_attempt_never_rewrites_a_committed_shard(tmp_path):

@@ -10,13 +10,23 @@ root as a local path, an `s3://` URL or a `Store` (`jobs.dataset.store`).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.dataset.layout import COMMITS_DIR, JOB_FILE, LOCK_FILE, MANIFEST_FILE, ShardFiles, is_temporary
+from jobs.dataset.layout import (
+    COMMITS_DIR,
+    JOB_FILE,
+    LATENTS_DIR,
+    LOCK_FILE,
+    MANIFEST_FILE,
+    META_DIR,
+    ShardFiles,
+    is_temporary,
+)
 from jobs.dataset.store import Store, open_store
 
 Root = str | Path | Store  # a dataset root, as every reader takes it
@@ -128,6 +138,41 @@ def committed(root: Root, name: str, fingerprint: str, source: str, verify: bool
 def withdraw_commit(root: Root, name: str) -> bool:
     """Removes a shard's commit marker (one that no longer stands for its files); True if there was one."""
     return open_store(root).delete(ShardFiles(name).commit)
+
+
+def remove_uncommitted(root: Root, patience: float = 5.0) -> list[str]:
+    """Removes the data files of every shard that has no commit marker (what an attempt killed
+    between publishing its files and its marker leaves), so that a stopped job leaves no
+    final-named file that a glob over `latents/` would take for data; the shards removed.
+
+    Each shard is handled under its commit lock and only if it still has no marker; a shard whose
+    lock is held is retried for `patience` seconds, then left to the attempt holding it. Run by
+    the job holding the directory's lock, once its own attempts are over.
+    """
+    store = open_store(root)
+    names = set()
+    for folder, suffix in ((LATENTS_DIR, ".tar"), (META_DIR, ".parquet")):
+        start = len(folder) + 1
+        names |= {r[start:].removesuffix(suffix) for r in store.list(folder) if r.endswith(suffix)}
+    removed, busy = [], sorted(names)
+    deadline = time.monotonic() + patience
+    while busy:
+        held = []
+        for name in busy:
+            files = ShardFiles(name)
+            try:
+                with store.lock(files.lock, wait=False):
+                    if not store.exists(files.commit):
+                        for rel in (files.latents, files.meta):
+                            store.delete(rel)
+                        removed.append(name)
+            except BlockingIOError:
+                held.append(name)
+        if not held or time.monotonic() > deadline:
+            break  # what is still held is some attempt's to finish or abort
+        busy = held
+        time.sleep(0.2)  # a process that was just killed releases its locks as it exits
+    return sorted(removed)
 
 
 def marker_names(root: Root) -> list[str]:

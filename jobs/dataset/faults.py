@@ -4,6 +4,8 @@ Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's 
 
     LATENT_PRECOMPUTE_FAULT=before-marker            SIGKILL the writing process after the data
                                                      files are in place, before the commit marker
+    LATENT_PRECOMPUTE_FAULT=hang-before-marker       the writing process stops there for ten minutes (a
+                                                     stop or preemption lands mid-commit)
     LATENT_PRECOMPUTE_FAULT=mid-upload               SIGKILL the writing process after the first part of
                                                      a multipart upload to an object store
     LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
@@ -20,7 +22,7 @@ import signal
 import time
 
 FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
-POINTS = ("before-marker", "mid-upload", "disk-full", "slow-commit")
+POINTS = ("before-marker", "hang-before-marker", "mid-upload", "disk-full", "slow-commit")
 
 
 def fault(point: str) -> None:
@@ -36,8 +38,8 @@ def fault(point: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return  # fired already
-    if point == "slow-commit":
-        time.sleep(1.0)
+    if point in ("slow-commit", "hang-before-marker"):
+        time.sleep(1.0 if point == "slow-commit" else 600.0)
         return
     if point == "disk-full":
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}={spec})")

@@ -221,13 +221,18 @@ class ShardWriter:
             if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:
                 self.abort()  # another attempt committed this shard: its files stay as they are
                 return existing
-            return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
+            try:
+                return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
+            except BaseException:
+                self._unplace()  # still under the lock: a later attempt's files are never the ones removed
+                raise
 
     def _place(self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int) -> dict[str, Any]:
         for staged, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
             self.store.publish(staged, rel)  # complete under its final name before a marker names it
             self._placed.append(rel)
         fault("before-marker")
+        fault("hang-before-marker")
 
         ok = sum(r["status"] == "ok" for r in self.rows)
         marker = {
@@ -266,6 +271,9 @@ class ShardWriter:
         self._raw.close()
         for path in self._tmp:
             path.unlink(missing_ok=True)
+        self._unplace()
+
+    def _unplace(self) -> None:
         for rel in self._placed:
             self.store.delete(rel)
         self._placed.clear()

@@ -24,6 +24,7 @@ from jobs.dataset.catalog import (
     existing_job,
     json_bytes,
     output_lock,
+    remove_uncommitted,
     withdraw_commit,
     write_job,
     write_manifest,
@@ -82,7 +83,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 finally:
                     bar.close()
                     pool.shutdown()
-            open_store(plan.root).cleanup()
+                    _tidy(plan)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)
@@ -91,6 +92,16 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 ray.shutdown()
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _tidy(plan: Plan) -> None:
+    """What the run's attempts left unfinished once its actors are gone: temporaries, unfinished
+    uploads, and data files of shards without a marker (an attempt killed while committing)."""
+    store = open_store(plan.root)
+    store.cleanup()
+    removed = remove_uncommitted(store)
+    if removed:
+        log.warning("removed the files of %d shards whose commit did not finish: %s", len(removed), removed[:3])
 
 
 def _write_report(plan: Plan, summary: Summary, started: float) -> None:

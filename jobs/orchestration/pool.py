@@ -123,9 +123,14 @@ class EncoderPool:
         if actor in self.actors:
             self.actors.remove(actor)
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Kills every actor and waits (up to `timeout` seconds) until Ray reports each one dead,
+        so that none is still publishing a shard when the driver tidies the directory."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        gone = [actor.ready.remote() for actor in self.actors]  # each fails once its actor is dead
+        ray.wait(gone, num_returns=len(gone), timeout=timeout)
+        self.actors = []
 
 
 def capacity(plan: Plan, resources: dict[str, float], gpus: bool) -> int:
