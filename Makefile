@@ -73,10 +73,12 @@ test: lint
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The CPU benchmarks (figures, not pass/fail): throughput against its bound and baselines, decode memory.
+# The CPU benchmarks (figures, not pass/fail): throughput against its bound and baselines, the encoder
+# per technique, decode memory.
 bench: install
 	$(PIP) install --quiet pandas  # for the Ray Data baseline
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/encoder.py
 	$(PY) benchmarks/decode_memory.py
 
 clean:

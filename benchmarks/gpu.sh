@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The GPU figures of the README, on one machine with an NVIDIA GPU, in well under 10 minutes:
 #   bash benchmarks/gpu.sh            # PEAK_TFLOPS=989 (H100/H200 SXM, bf16 dense) unless set
-# Random weights (no checkpoint needed: the speed is the same); the full causal 3D VAE in bf16.
+# Random weights (no checkpoint needed: the speed is the same); the full presets in bf16.
+# Each step rewrites its table in README.md (the command that made it is in the table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 PEAK=${PEAK_TFLOPS:-989}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-# encode/decode/job/baselines at 256x256 and at 1280x720, 33 frames (1 + 4k)
+# encoder alone: MFU, peak memory, each technique on and off, diffusers' AutoencoderKLHunyuanVideo beside it
+$PY benchmarks/encoder.py --device cuda --presets hunyuan-vae --sizes 256x256 1280x720 --frames 33 129 \
+    --compile --peak-tflops "$PEAK" --readme README.md
+$PY benchmarks/encoder.py --device cuda --presets flux-ae dc-ae-f32t4c128 --sizes 256x256 1280x720 --frames 33 \
+    --peak-tflops "$PEAK"
+# decode/encode/job/baselines at 256x256 and at 1280x720, 33 frames (1 + 4k)
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256 --clips 64 \
-    --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK"
+    --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" --readme README.md
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 720 --clips 16 \
     --batch 1 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK"
-# memory of tiled and chunked encodes (129 frames at 720p among them)
+# memory and accuracy of tiled and chunked encodes, per plan (129 frames at 720p: the exact-chunks rows above)
 $PY benchmarks/vae_memory.py --device cuda

@@ -19,6 +19,7 @@ from vae.causal_3d import (
     CausalConv3d,
     DownsampleCausal3D,
     UpsampleCausal3D,
+    diffusers_kwargs,
     frame_causal_attention,
     level_factors,
 )
@@ -38,18 +39,7 @@ def _video(batch: int, frames: int, height: int = 32, width: int = 32, seed: int
 
 def _diffusers_model(p: Causal3DParams, seed: int = 0) -> AutoencoderKLHunyuanVideo:
     torch.manual_seed(seed)
-    ref = AutoencoderKLHunyuanVideo(
-        in_channels=p.in_channels,
-        out_channels=p.out_channels,
-        latent_channels=p.latent_channels,
-        block_out_channels=p.block_out_channels,
-        layers_per_block=p.layers_per_block,
-        norm_num_groups=p.norm_num_groups,
-        scaling_factor=p.scale_factor,
-        spatial_compression_ratio=p.spatial_compression_ratio,
-        temporal_compression_ratio=p.time_compression_ratio,
-        mid_block_add_attention=p.mid_block_add_attention,
-    )
+    ref = AutoencoderKLHunyuanVideo(**diffusers_kwargs(p))
     # diffusers encodes and decodes this model framewise (overlapping temporal tiles) by
     # default; compare against the full-clip computation that Open-Sora runs untiled.
     ref.use_framewise_encoding = ref.use_framewise_decoding = False

@@ -185,6 +185,7 @@ FINGERPRINTED = [
     "latents.store_posterior=true",
     "run.batch_size=3",
     "run.cpus_per_worker=2",
+    "run.channels_last=true",
 ]
 NOT_FINGERPRINTED = [
     "run.workers=2",

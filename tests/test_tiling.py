@@ -312,6 +312,21 @@ def test_auto_prefers_untiled_then_time_then_space(family):
     assert not decode.fits and decode.spatial_tile  # nothing fits: the cheapest plan tried, flagged
 
 
+def test_auto_plans_once_per_shape_and_budget():
+    """A job plans every batch: the search is cached (the same plan object comes back)."""
+    preset = get_preset(FAMILIES["causal_3d"])
+    config = TilingConfig("auto", memory_budget=2**30)
+    first = plan_encode(preset, AUTO_SHAPES["causal_3d"], config=config, device="cuda")
+    assert plan_encode(preset, AUTO_SHAPES["causal_3d"], config=config, device="cuda") is first
+
+
+def test_auto_without_a_budget_on_cpu_runs_untiled_without_tracing_the_model():
+    """CPU memory is unbounded for planning: no estimate is traced (a second per shape at start-up)."""
+    preset = get_preset(FAMILIES["causal_3d"])
+    plan = plan_encode(preset, AUTO_SHAPES["causal_3d"], config=TilingConfig("auto", norm="chunk"), device="cpu")
+    assert plan.untiled and plan.fits and plan.estimated_bytes is None and plan.norm == "chunk"
+
+
 ESTIMATE_CASES = {
     "autoencoder_2d": ((1, 3, 4, 64, 64), TilePlan("chunks", 1)),
     "causal_3d": ((1, 3, 17, 32, 32), TilePlan("chunks", 1)),

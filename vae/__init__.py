@@ -15,7 +15,15 @@ Nothing here knows about Ray, tar files or Parquet. The modules, from the bottom
     registry.py               every preset by name, `diffusers:PATH`, `load_vae`
 """
 
-from vae.codec import decode_video, encode_video, estimate_bytes, plan_decode, plan_encode
+from vae.codec import (
+    channels_last,
+    channels_last_input,
+    decode_video,
+    encode_video,
+    estimate_bytes,
+    plan_decode,
+    plan_encode,
+)
 from vae.errors import CheckpointError, describe_error
 from vae.posterior import DiagonalGaussianDistribution
 from vae.registry import (
@@ -36,6 +44,8 @@ __all__ = [
     "TilingConfig",
     "VAEFamily",
     "VAEPreset",
+    "channels_last",
+    "channels_last_input",
     "check_checkpoint",
     "decode_video",
     "describe_error",

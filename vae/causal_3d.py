@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,23 @@ class Causal3DParams:
     mid_block_add_attention: bool = True
     scale_factor: float = 0.476986  # HunyuanVideo's released value (latent = scale * (z - shift))
     shift_factor: float = 0.0
+
+
+def diffusers_kwargs(p: Causal3DParams) -> dict[str, Any]:
+    """The arguments of diffusers' `AutoencoderKLHunyuanVideo` for the same network; its state
+    dict then has our keys, one to one (the tests and `benchmarks/encoder.py` compare the two)."""
+    return {
+        "in_channels": p.in_channels,
+        "out_channels": p.out_channels,
+        "latent_channels": p.latent_channels,
+        "block_out_channels": p.block_out_channels,
+        "layers_per_block": p.layers_per_block,
+        "norm_num_groups": p.norm_num_groups,
+        "scaling_factor": p.scale_factor,
+        "spatial_compression_ratio": p.spatial_compression_ratio,
+        "temporal_compression_ratio": p.time_compression_ratio,
+        "mid_block_add_attention": p.mid_block_add_attention,
+    }
 
 
 def level_factors(p: Causal3DParams) -> list[Factors]:

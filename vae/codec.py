@@ -79,6 +79,25 @@ def decode_video(
     return decode_with_plan(model, preset, latent, plan)
 
 
+def channels_last(model: nn.Module) -> nn.Module:
+    """Puts the model's 4D and 5D weights in channels-last order (`channels_last`,
+    `channels_last_3d`), in place: its convolutions then run on NHWC / NDHWC kernels, faster on
+    most hardware (`benchmarks/encoder.py`), equal up to float rounding."""
+    for param in model.parameters():
+        if param.dim() in (4, 5):
+            fmt = torch.channels_last if param.dim() == 4 else torch.channels_last_3d
+            param.data = param.data.contiguous(memory_format=fmt)
+    return model
+
+
+def channels_last_input(preset: VAEPreset, x: Tensor) -> Tensor:
+    """`B C T H W` video in the layout a channels-last model of `preset` takes: `channels_last_3d`
+    for a 3D model; unchanged for a 2D one, which folds the frames into the batch itself."""
+    if preset.temporal_compression == 1 and not preset.causal:
+        return x
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 # -- planning -------------------------------------------------------------------------------
 
 
@@ -114,7 +133,16 @@ def _plan(
     if preset.family.opensora is None:  # a family that is never split (a diffusers VAE) runs whole
         return TilePlan()
     budget = config.memory_budget if config.memory_budget is not None else available_bytes(device)
+    if math.isinf(budget):  # unbounded (CPU without a budget): untiled, and no trace to estimate it
+        return _untiled(config)
     return _auto_plan(preset, shape, dtype, config, budget, device.type, encode)
+
+
+def _untiled(config: TilingConfig) -> TilePlan:
+    """The whole call at once, with the config's overlap and norm for any split made from it."""
+    return TilePlan(
+        overlap=0.25 if config.overlap is None else config.overlap, norm=config.norm, norm_passes=config.norm_passes
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -126,8 +154,8 @@ def _auto_plan(
     If nothing fits, the cheapest plan tried, flagged `fits=False` (on CPU a smaller tile can
     cost more than a larger one, see vae/memory.py, so that is not always the smallest).
     """
-    overlap = 0.25 if config.overlap is None else config.overlap
-    base = TilePlan(overlap=overlap, norm=config.norm, norm_passes=config.norm_passes)
+    base = _untiled(config)
+    overlap = base.overlap
     sc, tc = preset.spatial_compression, preset.temporal_compression
     tried: dict[TilePlan, int] = {}
 

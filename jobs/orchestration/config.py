@@ -112,6 +112,9 @@ class RunConfig:
     cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
     batch_size: int = 4  # clips per encoder call
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
+    # Convolutions in channels-last layout: faster on most hardware (benchmarks/encoder.py); the
+    # latents' last bits change (about 1e-6), so it is part of the fingerprint
+    channels_last: bool = False
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
     scale_interval_s: float = 30.0  # with workers 0: how often the pool looks for new nodes to start actors on

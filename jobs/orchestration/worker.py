@@ -27,7 +27,15 @@ from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
 from jobs.inputs.video import Clip, DecodeLimits, VideoError
 from jobs.orchestration.config import JobConfig
 from jobs.orchestration.settings import clip_request
-from vae import describe_error, encode_video, get_preset, load_vae, plan_encode
+from vae import (
+    channels_last,
+    channels_last_input,
+    describe_error,
+    encode_video,
+    get_preset,
+    load_vae,
+    plan_encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +127,8 @@ class ShardEncoder:
         self.model = load_vae(
             self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
         )
+        if config.run.channels_last:
+            channels_last(self.model)
         self.tiling = config.tiling()
         limits = config.limits
         self.request = clip_request(config, self.preset)
@@ -291,6 +301,8 @@ class ShardEncoder:
         assert all(item.clip is not None for item in items)
         x = torch.stack([item.clip.pixels for item in items])  # type: ignore[union-attr]
         x = x.to(self.device, self.dtype, non_blocking=True)
+        if self.config.run.channels_last:
+            x = channels_last_input(self.preset, x)
         seed = self.config.vae.seed
         generators = [
             torch.Generator().manual_seed(sample_seed(seed, item.raw.key, item.fields["clip"])) for item in items

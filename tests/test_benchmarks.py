@@ -1,0 +1,54 @@
+"""The benchmarks run end to end and write their README tables (their figures are not checked:
+speed is measured by running them, not by tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _readme(tmp_path: Path, *blocks: str) -> Path:
+    path = tmp_path / "README.md"
+    path.write_text("".join(f"before\n<!-- {b}:begin -->\nold\n<!-- {b}:end -->\nafter\n" for b in blocks))
+    return path
+
+
+def _run(*args: str) -> list[dict]:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def test_the_encoder_benchmark_measures_every_technique_against_the_baseline(tmp_path):
+    readme = _readme(tmp_path, "encoder")
+    rows = _run(
+        "benchmarks/encoder.py",
+        *("--presets", "hunyuan-vae-tiny", "--sizes", "64x64", "--frames", "5", "--repeat", "1"),
+        *("--readme", str(readme)),
+    )
+    techniques = [r["technique"] for r in rows]
+    assert techniques == ["baseline", "channels-last", "math-attention", "exact-chunks", "opensora-tiles", "diffusers"]
+    for r in rows:
+        assert r["frames_per_s"] > 0 and r["tflops"] > 0 and r["peak_memory_gb"] > 0
+        assert r["max_abs_diff"] < 1e-3 or r["technique"] == "exact-chunks"  # chunk norms differ
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("before\n") and text.endswith("after\n")
+    assert "| hunyuan-vae-tiny | 1x3x5x64x64 | diffusers |" in text and "benchmarks/encoder.py --presets" in text
+
+
+def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_path):
+    readme = _readme(tmp_path, "throughput")
+    rows = _run("benchmarks/throughput.py", "--clips", "8", "--per-shard", "4", "--readme", str(readme))
+    by_name = {r["name"]: r for r in rows}
+    for name in ("decode, 1 thread", "encode, batch 4", "baseline: single-process loop", "job, end to end"):
+        assert by_name[name]["frames"] == 8 * 8, name  # every clip, 8 frames each
+    assert by_name["job, end to end"]["clips"] == 8
+    text = readme.read_text()
+    assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
