@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from jobs.dataset.layout import (
 from jobs.dataset.store import Store, open_store
 
 Root = str | Path | Store  # a dataset root, as every reader takes it
+
+READERS = 16  # files read at once when a reader goes through every shard (markers, metadata)
 
 # What the manifest keeps of each commit marker (the rest, time and host, is the marker's own).
 MANIFEST_FIELDS = ("name", "source", "samples", "ok", "errors", "frames", "latents", "meta")
@@ -185,7 +188,8 @@ def marker_names(root: Root) -> list[str]:
 def committed_markers(root: Root, fingerprint: str) -> list[dict[str, Any]]:
     """The markers of every shard of the directory committed with `fingerprint`, by name."""
     store = open_store(root)
-    markers = [read_commit(store, name) for name in marker_names(store)]
+    with ThreadPoolExecutor(READERS) as pool:  # on an object store each marker is a few requests
+        markers = list(pool.map(lambda name: read_commit(store, name), marker_names(store)))
     return [m for m in markers if m is not None and m.get("fingerprint") == fingerprint]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.catalog import Root
+from jobs.dataset.catalog import READERS, Root
 from jobs.dataset.layout import META_DIR, SCHEMA, is_temporary
 from jobs.dataset.store import open_store
 
@@ -28,7 +29,10 @@ def read_metadata(root: Root) -> pa.Table:
     """All metadata rows of a dataset (every `meta/*.parquet` in place) as one table."""
     store = open_store(root)
     files = [rel for rel in store.list(META_DIR) if rel.endswith(".parquet") and not is_temporary(Path(rel))]
-    return pa.concat_tables([read_table(store, rel) for rel in files]) if files else SCHEMA.empty_table()
+    if not files:
+        return SCHEMA.empty_table()
+    with ThreadPoolExecutor(READERS) as pool:  # in order; on an object store each file is a request or two
+        return pa.concat_tables(list(pool.map(lambda rel: read_table(store, rel), files)))
 
 
 def load_sample(root: Root, row: dict[str, Any]) -> dict[str, torch.Tensor]:
