@@ -185,6 +185,34 @@ def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, mon
         pass
 
 
+def test_of_two_takers_of_an_abandoned_lease_only_one_gets_it(s3, monkeypatch):
+    """B judges a dead holder's lease abandoned; A takes it over before B acts. B's delete is
+    conditional on the lease it judged, so it fails, and A keeps the lease it now holds."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    owner = {**store_module._process_identity(), "pid": int(dead.stdout), "lease": "dead"}
+    s3.client.put_object(Bucket="outputs", Key="leases/race", Body=json.dumps(owner).encode())
+    judge = store_module._lease_state
+    first, taken = store_module._Lease("outputs", "leases/race", wait=False), []
+
+    def late_judgement(bucket: str, key: str) -> dict[str, Any] | None:
+        state = judge(bucket, key)
+        if not taken:  # B has judged the dead holder's lease; A takes it over meanwhile
+            taken.append(first)
+            first.__enter__()
+        return state
+
+    monkeypatch.setattr(store_module, "_lease_state", late_judgement)
+    second = store_module._Lease("outputs", "leases/race", wait=False)
+    try:
+        with pytest.raises(BlockingIOError):
+            second.__enter__()
+        body = json.loads(s3.client.get_object(Bucket="outputs", Key="leases/race")["Body"].read())
+        assert body["lease"] == first.owner["lease"]
+    finally:
+        first.__exit__(None, None, None)
+    assert S3Store("s3://outputs/leases").size("race") is None  # released
+
+
 def test_a_late_attempt_on_s3_returns_the_committed_marker_and_rewrites_nothing(s3):
     store = S3Store("s3://outputs/zombie")
     first, _ = _write(store)
