@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -40,3 +42,44 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
     assert len(rows) == 16 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
     assert summary.ok == 16  # the killed attempt's partial progress was not double counted
     assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+UNAVAILABLE = """
+import sys
+from conftest import small_config
+from jobs.dataset.catalog import read_commit
+from jobs.demo_data import write_demo_dataset
+from jobs.inputs import decode_pool
+from jobs.orchestration.driver import prepare_output
+from jobs.orchestration.settings import check_config, make_plan
+from jobs.orchestration.worker import ShardEncoder
+
+root = sys.argv[1]
+shards = write_demo_dataset(root + "/data", shards=1, samples_per_shard=2, seed=3)
+config = small_config(shards, root + "/out")
+plan = make_plan(config, check_config(config), has_gpus=False)
+prepare_output(plan)
+decode_pool._CONTEXT.set_executable(root + "/no-python")  # no decoding process can start
+encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
+try:
+    list(encoder.encode_shard(plan.shards[0]))
+except decode_pool.DecodeUnavailable as e:
+    print("raised:", e)
+print("committed:", read_commit(plan.root, plan.shards[0].name) is not None)
+"""
+
+
+def test_decoding_processes_that_cannot_start_fail_the_attempt_not_the_samples(tmp_path):
+    """The worker's failure, not the samples': the shard's attempt raises (the driver retries it
+    elsewhere) instead of committing every sample as an error row."""
+    tests = os.path.dirname(__file__)
+    result = subprocess.run(
+        [sys.executable, "-c", UNAVAILABLE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "raised: no decoding process can be started" in result.stdout, result.stdout + result.stderr[-2000:]
+    assert "committed: False" in result.stdout
