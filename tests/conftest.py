@@ -92,7 +92,7 @@ def descends_from(pid: int, ancestor: int) -> bool:
 def _is_encoder(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().startswith(b"ray::ShardEncoder.encode_shard")
+            return f.read().startswith(b"ray::EncoderActor.encode_shard")
     except OSError:
         return False
 

@@ -29,16 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from jobs.inputs.forkserver import CONTEXT
 from jobs.inputs.sampling import ClipPlan, ClipRequest
 from jobs.inputs.video import Clip, DecodeLimits, VideoError, VideoFile, VideoInfo
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
 
-# Children are forked from a clean server process (not from a process with threads), which
-# imports the decoder once.
-_CONTEXT = mp.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["jobs.inputs.video"])
+_CONTEXT = CONTEXT  # children come from a clean fork server (jobs/inputs/forkserver.py)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     config.py     the one typed config (`JobConfig`), strict on load, its choices checked once; `UsageError`
     settings.py   checking a config against the VAE and the inputs; the settings, fingerprint and row constants
     worker.py     `ShardEncoder`: one actor, one VAE, shard in -> committed latent shard out
+    actor.py      `EncoderActor`: the `ShardEncoder` as Ray starts it (its decoding processes' fork server first)
     pool.py       joining or starting Ray, the encoder actors (one per GPU), scheduling and retrying shards
     driver.py     a whole run: output directory, lock, resume, pool, manifest (`run`)
     progress.py   the progress bar and the final summary

@@ -1,12 +1,14 @@
 """The Ray side of a run: joining or starting a cluster, the encoder actors, and handing out shards.
 
-One `ShardEncoder` actor per GPU (`num_gpus=1`; CPU actors when the cluster has no GPU) holds one
-VAE. The driver hands each idle actor the next shard, follows its progress through a streaming
-generator, and retries a shard whose attempt failed; an actor whose process died is replaced.
+One encoder actor (`EncoderActor`, a `ShardEncoder`) per GPU (`num_gpus=1`; CPU actors when the
+cluster has no GPU) holds one VAE. The driver hands each idle actor the next shard, follows its
+progress through a streaming generator, and retries a shard whose attempt failed; an actor whose
+process died is replaced.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -21,10 +23,11 @@ import ray
 import ray.exceptions
 
 from jobs.inputs.shards import Shard
+from jobs.orchestration.actor import EncoderActor
 from jobs.orchestration.config import RunConfig, RunFailed, Terminated
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan
-from jobs.orchestration.worker import Progress, ShardDone, ShardEncoder
+from jobs.orchestration.worker import Progress, ShardDone
 from vae import describe_error
 
 log = logging.getLogger("jobs.precompute")
@@ -68,9 +71,9 @@ class EncoderPool:
         options: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "max_restarts": 0, "max_concurrency": 1}
         if gpus:
             options["num_gpus"] = 1
-        self._remote = ray.remote(ShardEncoder).options(**options)
+        self._remote = ray.remote(EncoderActor).options(**options)
         self.gpus = bool(gpus)  # GPU actors (one GPU each) or CPU ones, for the whole run
-        self._args = (plan.config, str(plan.root), plan.constants, plan.allow_shell)
+        self._args = (dataclasses.asdict(plan.config), str(plan.root), plan.constants, plan.allow_shell)
         self.replacements_left = count * run.max_attempts
         # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
         # placed would otherwise keep the job waiting forever).

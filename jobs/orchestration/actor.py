@@ -1,0 +1,38 @@
+"""The encoder actor as Ray starts it: the decoding processes' fork server first, then the VAE.
+
+Ray imports an actor's module, and its constructor's arguments, in a fresh worker process.
+`ShardEncoder`'s module imports torch (about a second), and so does the fork server its decoding
+processes are forked from. Started here, before that import, the fork server does its imports
+beside the actor's own instead of after them, and the actor's first shard does not wait for it.
+So this module imports nothing heavy, and the config comes as a plain dict (a `JobConfig`
+would import torch while Ray unpacks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from jobs.inputs import forkserver
+
+if TYPE_CHECKING:
+    from jobs.inputs.shards import Shard
+    from jobs.orchestration.worker import Progress, ShardDone
+
+
+class EncoderActor:
+    """A `ShardEncoder` (`jobs/orchestration/worker.py`) whose decoding processes start first."""
+
+    def __init__(self, config: dict[str, Any], root: str, constants: dict[str, Any], allow_shell: bool = False) -> None:
+        """`config` is `dataclasses.asdict` of the resolved `JobConfig`; the rest as `ShardEncoder`'s."""
+        forkserver.start()
+        from jobs.orchestration.config import JobConfig, from_dict  # torch, beside the fork server's imports
+        from jobs.orchestration.worker import ShardEncoder
+
+        self.encoder = ShardEncoder(from_dict(JobConfig, config), root, constants, allow_shell)
+
+    def ready(self) -> str:
+        return self.encoder.ready()
+
+    def encode_shard(self, shard: Shard) -> Iterator[Progress | ShardDone]:
+        yield from self.encoder.encode_shard(shard)
