@@ -45,6 +45,7 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
 
 
 UNAVAILABLE = """
+import dataclasses
 import sys
 from conftest import small_config
 from jobs.dataset.catalog import read_commit
@@ -52,7 +53,7 @@ from jobs.demo_data import write_demo_dataset
 from jobs.inputs import decode_pool
 from jobs.orchestration.driver import prepare_output
 from jobs.orchestration.settings import check_config, make_plan
-from jobs.orchestration.worker import ShardEncoder
+from jobs.orchestration.actor import EncoderActor
 
 root = sys.argv[1]
 shards = write_demo_dataset(root + "/data", shards=1, samples_per_shard=2, seed=3)
@@ -60,9 +61,9 @@ config = small_config(shards, root + "/out")
 plan = make_plan(config, check_config(config), has_gpus=False)
 prepare_output(plan)
 decode_pool._CONTEXT.set_executable(root + "/no-python")  # no decoding process can start
-encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
+actor = EncoderActor(dataclasses.asdict(plan.config), str(plan.root), plan.constants)  # starts all the same
 try:
-    list(encoder.encode_shard(plan.shards[0]))
+    list(actor.encode_shard(plan.shards[0]))
 except decode_pool.DecodeUnavailable as e:
     print("raised:", e)
 print("committed:", read_commit(plan.root, plan.shards[0].name) is not None)
@@ -70,8 +71,8 @@ print("committed:", read_commit(plan.root, plan.shards[0].name) is not None)
 
 
 def test_decoding_processes_that_cannot_start_fail_the_attempt_not_the_samples(tmp_path):
-    """The worker's failure, not the samples': the shard's attempt raises (the driver retries it
-    elsewhere) instead of committing every sample as an error row."""
+    """The worker's failure, not the samples': the actor still starts, and the shard's attempt
+    raises (the driver retries it elsewhere) instead of committing every sample as an error row."""
     tests = os.path.dirname(__file__)
     result = subprocess.run(
         [sys.executable, "-c", UNAVAILABLE, str(tmp_path)],

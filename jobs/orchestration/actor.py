@@ -25,7 +25,7 @@ class EncoderActor:
 
     def __init__(self, config: dict[str, Any], root: str, constants: dict[str, Any], allow_shell: bool = False) -> None:
         """`config` is `dataclasses.asdict` of the resolved `JobConfig`; the rest as `ShardEncoder`'s."""
-        forkserver.start()
+        forkserver.start()  # a server that dies at once is started again by the pool, which says why if it cannot
         from jobs.orchestration.config import JobConfig, from_dict  # torch, beside the fork server's imports
         from jobs.orchestration.worker import ShardEncoder
 
