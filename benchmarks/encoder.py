@@ -15,8 +15,8 @@ largest the preset accepts up to it) it encodes synthetic clips in [-1, 1] with 
     channels-last   channels-last weights and input (`run.channels_last`)
     math-attention  the mid block's attention without the fused kernel (SDPA's math backend)
     compile         `torch.compile` of the model (`--compile`: compiling takes a while)
-    exact-chunks    the chunked encode the job uses when a clip does not fit, 8 latent
-                    frames at a time: FLUX frames (exact), causal streaming (exact but for
+    exact-chunks    the chunked encode the job uses when a clip does not fit, about a quarter
+                    of the clip at a time: FLUX frames (exact), causal streaming (exact but for
                     the GroupNorm statistics, `vae/causal_3d_stream.py`; no overlap computed twice)
     opensora-tiles  Open-Sora's overlapping tiles instead (what its own pipeline runs)
     diffusers       (causal 3D VAE) diffusers' `AutoencoderKLHunyuanVideo`, its default settings,
@@ -111,7 +111,8 @@ def build(
     if name == "exact-chunks":
         if preset.family.encode_chunks is None:
             return None
-        return Setup(model, x, TilePlan(temporal="chunks", temporal_size=8))
+        latent_frames = preset.latent_frames(shape[2])  # four chunks or so, however long the clip
+        return Setup(model, x, TilePlan(temporal="chunks", temporal_size=max(1, latent_frames // 4)))
     if name == "opensora-tiles":
         if preset.family.opensora is None:
             return None

@@ -1,8 +1,8 @@
 """The encoder: turns one input shard into one committed latent shard.
 
-`ShardEncoder` is a plain class (the driver wraps it with `ray.remote`, one actor per GPU).
-It loads the VAE once, then for each shard streams samples out of the tar, decodes videos on
-a few threads while the model encodes the previous batch, and writes latents and metadata
+`ShardEncoder` is a plain class (Ray runs it inside `EncoderActor`, jobs/orchestration/actor.py,
+one actor per GPU). It loads the VAE once, then for each shard streams samples out of the tar,
+decodes videos in a few processes while the model encodes the previous batch, and writes latents and metadata
 through `ShardWriter`. A sample that fails anywhere becomes an error row; only a failure of
 the worker itself (a crash, a full disk) fails the shard, which the driver then retries.
 """
