@@ -159,12 +159,13 @@ def run(setup: Setup, preset: VAEPreset, device: str, repeat: int) -> tuple[floa
 
 
 def encoder_call(setup: Setup, preset: VAEPreset) -> Callable[[], torch.Tensor]:
+    if setup.call is not None:
+        return setup.call
+
     def call() -> torch.Tensor:
         z, _ = encode_video(setup.model, preset, setup.x, sample=False, tiling=setup.plan)
         return z
 
-    if setup.call is not None:
-        return setup.call
     return torch.compile(call, dynamic=False) if setup.compiled else call
 
 
@@ -222,18 +223,17 @@ def main() -> None:
                     seconds, peak, latent = run(setup, preset, device, args.repeat)
                 except torch.OutOfMemoryError:  # the row says so; the other runs go on
                     print(json.dumps({"preset": preset_name, "shape": list(shape), "technique": name, "error": "OOM"}))
-                    setup = None
                     torch.cuda.empty_cache()
                     continue
                 if name == "baseline":
                     reference, base_seconds = latent.float(), seconds
-                frames = shape[0] * shape[2]
+                encoded = shape[0] * shape[2]  # frames per call
                 row: dict[str, Any] = {
                     "preset": preset_name,
                     "shape": list(shape),
                     "technique": name,
                     "plan": setup.split or setup.plan.describe(),
-                    "frames_per_s": round(frames / seconds, 2),
+                    "frames_per_s": round(encoded / seconds, 2),
                     "seconds": round(seconds, 4),
                     "speedup": round(base_seconds / seconds, 3) if base_seconds else None,
                     "tflops": None if flops is None else round(flops / seconds / 1e12, 4),

@@ -28,13 +28,9 @@ def hardware(device: str) -> str:
     return f"{model or platform.processor() or 'CPU'}, {os.cpu_count()} cores"
 
 
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-
-
 def replace_block(path: Path, name: str, lines: list[str]) -> None:
     """Replaces the block `name` of `path` by `lines` (the markers are kept)."""
-    begin, end = markers(name)
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = path.read_text()
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:

@@ -312,8 +312,8 @@ def results_table(
         f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
         f"{figures['videos']} videos of mixed sizes and lengths ({VIDEOS}), one "
         f"{args.frames}x{args.size}x{args.size} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
-        f"{args.decode_processes} decoding "
-        f"processes, {args.workers} encoder actor(s) of {args.cpus_per_worker} threads. Command: `{command}` "
+        f"{args.decode_processes} decoding processes, {args.workers} encoder actor(s) of {args.cpus_per_worker} "
+        f"threads. Command: `{command}` "
         f"({time.strftime('%Y-%m-%d')}).",
         "",
         "| measurement | frames | seconds | frames/s | videos/s | against |",

@@ -50,7 +50,7 @@ import sys
 from conftest import small_config
 from jobs.dataset.catalog import read_commit
 from jobs.demo_data import write_demo_dataset
-from jobs.inputs import decode_pool
+from jobs.inputs import decode_pool, forkserver
 from jobs.orchestration.driver import prepare_output
 from jobs.orchestration.settings import check_config, make_plan
 from jobs.orchestration.actor import EncoderActor
@@ -60,7 +60,7 @@ shards = write_demo_dataset(root + "/data", shards=1, samples_per_shard=2, seed=
 config = small_config(shards, root + "/out")
 plan = make_plan(config, check_config(config), has_gpus=False)
 prepare_output(plan)
-decode_pool._CONTEXT.set_executable(root + "/no-python")  # no decoding process can start
+forkserver.CONTEXT.set_executable(root + "/no-python")  # no decoding process can start
 actor = EncoderActor(dataclasses.asdict(plan.config), str(plan.root), plan.constants)  # starts all the same
 try:
     list(actor.encode_shard(plan.shards[0]))

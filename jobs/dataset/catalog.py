@@ -153,10 +153,7 @@ def remove_uncommitted(root: Root, patience: float = 5.0) -> list[str]:
     the job holding the directory's lock, once its own attempts are over.
     """
     store = open_store(root)
-    names = set()
-    for folder, suffix in ((LATENTS_DIR, ".tar"), (META_DIR, ".parquet")):
-        start = len(folder) + 1
-        names |= {r[start:].removesuffix(suffix) for r in store.list(folder) if r.endswith(suffix)}
+    names = set(_shard_names(store, LATENTS_DIR, ".tar")) | set(_shard_names(store, META_DIR, ".parquet"))
     removed, busy = [], sorted(names)
     deadline = time.monotonic() + patience
     while busy:
@@ -180,9 +177,14 @@ def remove_uncommitted(root: Root, patience: float = 5.0) -> list[str]:
 
 def marker_names(root: Root) -> list[str]:
     """The shard names of every commit marker of the directory (valid or not), sorted."""
-    rels = open_store(root).list(COMMITS_DIR)
-    start = len(COMMITS_DIR) + 1
-    return [rel[start:].removesuffix(".json") for rel in rels if rel.endswith(".json") and not is_temporary(Path(rel))]
+    return _shard_names(open_store(root), COMMITS_DIR, ".json")
+
+
+def _shard_names(store: Store, folder: str, suffix: str) -> list[str]:
+    """The shard names of the files `folder/<name><suffix>` (temporaries aside), sorted."""
+    start = len(folder) + 1
+    rels = store.list(folder)
+    return [rel[start:].removesuffix(suffix) for rel in rels if rel.endswith(suffix) and not is_temporary(Path(rel))]
 
 
 def committed_markers(root: Root, fingerprint: str) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ import time
 
 FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
 POINTS = ("before-marker", "hang-before-marker", "mid-upload", "disk-full", "slow-commit")
+PAUSES = {"slow-commit": 1.0, "hang-before-marker": 600.0}  # seconds; the other points crash or fail
 
 
 def fault(point: str) -> None:
@@ -38,8 +39,8 @@ def fault(point: str) -> None:
             os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return  # fired already
-    if point in ("slow-commit", "hang-before-marker"):
-        time.sleep(1.0 if point == "slow-commit" else 600.0)
+    if point in PAUSES:
+        time.sleep(PAUSES[point])
         return
     if point == "disk-full":
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}={spec})")

@@ -29,14 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from jobs.inputs.forkserver import CONTEXT
+from jobs.inputs.forkserver import CONTEXT  # children come from a clean fork server
 from jobs.inputs.sampling import ClipPlan, ClipRequest
 from jobs.inputs.video import Clip, DecodeLimits, VideoError, VideoFile, VideoInfo
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
-
-_CONTEXT = CONTEXT  # children come from a clean fork server (jobs/inputs/forkserver.py)
 
 
 @dataclass(frozen=True)
@@ -118,8 +116,8 @@ class _Slot:
             DecodeUnavailable: No decoding process can be started (not a sample's fault).
         """
         for attempt in (1, 2):
-            parent, child = _CONTEXT.Pipe()
-            process = _CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
+            parent, child = CONTEXT.Pipe()
+            process = CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
             try:
                 process.start()
             except (OSError, EOFError) as e:  # ChildProcessError, ConnectionRefusedError, a closed pipe
