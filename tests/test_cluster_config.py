@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -34,3 +35,46 @@ def test_the_kuberay_job_runs_the_precompute_with_one_gpu_group():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and group["maxReplicas"] >= group["minReplicas"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/shared" in mounts and "/shared/latents" in job["spec"]["entrypoint"]
+
+
+def _ray_commands(lines: list[str]) -> list[tuple[int, str]]:
+    """(index, command) of each line that runs the `ray` CLI, comments and `#` prefixes removed."""
+    found = []
+    for i, line in enumerate(lines):
+        command = line.strip().lstrip("#").strip().split("  #")[0]
+        if re.match(r"^(RAY_AUTH_MODE=token )?ray (up|start|job|dashboard|attach|exec|submit)\b", command):
+            found.append((i, command))
+    return found
+
+
+def _with_token_auth(lines: list[str]) -> list[str]:
+    """The ray commands of `lines` that run without token authentication in their environment."""
+    exported = [i for i, line in enumerate(lines) if "export RAY_AUTH_MODE=token" in line]
+    return [
+        c
+        for i, c in _ray_commands(lines)
+        if not c.startswith("RAY_AUTH_MODE=token ") and not any(e < i for e in exported)
+    ]
+
+
+def test_every_ray_start_of_the_cluster_runs_with_token_authentication():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts), starts
+    # The token made on the user's machine reaches every node, where `ray start` reads it.
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    header = (REPO / "cluster.yaml").read_text().splitlines()
+    assert _ray_commands(header) and not _with_token_auth(header)
+
+
+def test_every_documented_ray_command_keeps_token_authentication_on():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [c for block in blocks for _, c in _ray_commands(block.splitlines())]
+    assert any(c.startswith("ray up") for c in commands) and any(c.startswith("ray job submit") for c in commands)
+    for block in blocks:
+        assert not _with_token_auth(block.splitlines()), block
+    job = yaml.safe_load((REPO / "configs" / "kuberay-rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth needs Ray 2.52

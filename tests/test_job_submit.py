@@ -83,6 +83,14 @@ def head_node(tmp_path):
 
 def test_ray_job_submit_joins_the_cluster(head_node, demo_shards, tmp_path):
     dashboard, env = head_node
+    # Token authentication is really on: a client with another token is turned away.
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    stranger = subprocess.run(
+        [ray_cli, "job", "list", "--address", dashboard],
+        env={**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+        capture_output=True,
+    )
+    assert stranger.returncode != 0 and b"Invalid authentication token" in stranger.stderr, stranger.stderr[-2000:]
     out = tmp_path / "latents"
     spec = str(demo_shards[0].parent / "shard-{000000..000002}.tar")
     command = (
