@@ -42,6 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded cluster)")
     p.add_argument("--workers", type=int, help="encoder actors (default: one per GPU)")
     p.add_argument(
+        "--gpus",
+        type=int,
+        metavar="N",
+        help="GPUs to ask the cluster's autoscaler for; the job starts once the first joins (run.gpus)",
+    )
+    p.add_argument(
         "--max-error-rate",
         type=float,
         metavar="R",
@@ -66,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         "vae.checkpoint": args.checkpoint,
         "run.address": args.address,
         "run.workers": args.workers,
+        "run.gpus": args.gpus,
         "run.max_error_rate": args.max_error_rate,
     }
     # Named flags win over --set, which wins over the config file.

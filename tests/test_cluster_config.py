@@ -78,3 +78,18 @@ def test_every_documented_ray_command_keeps_token_authentication_on():
     cluster = job["spec"]["rayClusterSpec"]
     assert cluster["authOptions"] == {"mode": "token"}
     assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth needs Ray 2.52
+
+
+def test_the_documented_jobs_ask_the_autoscaler_for_their_gpus():
+    # GPU workers that start at 0 come only for resources asked for: a job that asks for none finds
+    # no GPU when it starts and runs on the head's CPUs.
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    assert config["available_node_types"]["gpu-worker"]["min_workers"] == 0
+    header = "\n".join(line.lstrip("#") for line in (REPO / "cluster.yaml").read_text().splitlines())
+    readme = (REPO / "README.md").read_text()
+    for text in (header, *re.findall(r"```bash\n(.*?)```", readme, flags=re.S)):
+        if "ray job submit" in text:
+            assert re.search(r"jobs\.precompute[^`]*--gpus \d+", text), text
+    job = yaml.safe_load((REPO / "configs" / "kuberay-rayjob.yaml").read_text())
+    assert re.search(r"--gpus \d+", job["spec"]["entrypoint"])
+    assert job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] is True

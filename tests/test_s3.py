@@ -34,6 +34,8 @@ from jobs.inputs.tar_samples import ShardReadError, read_shard
 from jobs.orchestration.config import JobConfig, UsageError
 from jobs.validate import validate
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @dataclass
 class Server:
@@ -105,11 +107,24 @@ def test_an_s3_shard_reads_as_the_local_one(s3):
         list(read_shard("s3://inputs/data/gone.tar", damage.append))
 
 
-def test_outputs_that_cannot_be_written_are_refused_before_anything_starts():
-    for url in ("gs://bucket/out", "https://host/out", "file:///tmp/out"):
+def test_outputs_that_cannot_be_written_are_refused_before_anything_starts(tmp_path):
+    for url in ("gs://bucket/out", "https://host/out", "file:///tmp/out", "s3:/bucket/out", "S3:bucket"):
         with pytest.raises(UsageError, match=f"cannot write to '{url}': the output is a local or mounted"):
             JobConfig(input=["x.tar"], output=url).validate()
     JobConfig(input=["x.tar"], output="s3://bucket/out").validate()
+    JobConfig(input=["x.tar"], output="./a:b").validate()  # a local folder with a colon in its name
+    # From the command line: exit 2 with the reason, before any cluster starts or any folder appears.
+    (tmp_path / "x.tar").write_bytes(b"")
+    run = subprocess.run(
+        [sys.executable, "-m", "jobs.precompute", "--input", "x.tar", "--output", "s3:/bucket/out"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "cannot write to 's3:/bucket/out'" in run.stderr, run.stderr
+    assert "Ray" not in run.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["x.tar"]
 
 
 def test_the_marker_is_created_once_and_data_objects_appear_whole(s3):

@@ -109,6 +109,9 @@ class LimitsConfig:
 class RunConfig:
     address: str | None = None  # Ray cluster to join; None = RAY_ADDRESS, else an embedded one
     workers: int = 0  # encoder actors; 0 = one per GPU (or per `cpus_per_worker` CPUs)
+    # GPUs to ask the cluster's autoscaler for (GPU nodes are started for them); the job waits up to
+    # `actor_start_timeout` for the first, and takes the others as they join. 0: the GPUs present.
+    gpus: int = 0
     cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
     batch_size: int = 4  # clips per encoder call
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
@@ -143,10 +146,13 @@ class JobConfig:
             raise UsageError("no input given (--input SPEC)")
         if not self.output:
             raise UsageError("no output directory given (--output DIR)")
-        if re.match(r"^[a-z][a-z0-9+.-]*://", self.output, re.IGNORECASE) and not self.output.startswith("s3://"):
+        # Any scheme-like start ("s3:/bucket", "gs://...") that is not an s3:// prefix: a typo or a
+        # store the job cannot write would otherwise become a local folder named "s3:".
+        if re.match(r"^[a-z][a-z0-9+.-]*:", self.output, re.IGNORECASE) and not self.output.startswith("s3://"):
             raise UsageError(
                 f"cannot write to '{self.output}': the output is a local or mounted directory or an s3:// prefix "
-                "(gs:// and http(s):// can be read as inputs, not written)"
+                "(gs:// and http(s):// can be read as inputs, not written; a local folder whose name has a "
+                "colon: ./NAME)"
             )
         for name, value in [
             ("video.num_frames", self.video.num_frames),
@@ -162,6 +168,8 @@ class JobConfig:
                 raise UsageError(f"{name} must be at least 1; got {value}")
         if self.run.workers < 0:
             raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
+        if self.run.gpus < 0:
+            raise UsageError(f"run.gpus must be 0 (the GPUs present) or more; got {self.run.gpus}")
         for name in ("max_member_bytes", "max_pixels", "max_frames", "decode_timeout_s", "window_bytes"):
             if getattr(self.limits, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive; got {getattr(self.limits, name)}")

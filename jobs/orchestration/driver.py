@@ -33,7 +33,15 @@ from jobs.dataset.layout import REPORT_FILE
 from jobs.dataset.store import open_store
 from jobs.inputs.shards import Shard, count_samples
 from jobs.orchestration.config import JobConfig, Terminated, UsageError
-from jobs.orchestration.pool import EncoderPool, connect, schedule, worker_count
+from jobs.orchestration.pool import (
+    EncoderPool,
+    connect,
+    node_resources,
+    request_gpus,
+    schedule,
+    withdraw_gpu_request,
+    worker_count,
+)
 from jobs.orchestration.progress import ProgressBar, Summary
 from jobs.orchestration.settings import Plan, check_config, differences, make_plan
 
@@ -58,7 +66,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
             raise UsageError(str(e)) from None
         owns_ray = connect(config.run.address)
         try:
-            resources = ray.cluster_resources()
+            resources = request_gpus(config.run) if config.run.gpus else ray.cluster_resources()
             plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0, allow_shell=allow_shell)
             prepare_output(plan)
             summary = Summary(output=str(plan.root), fingerprint=plan.fingerprint)
@@ -66,7 +74,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
             summary.shards_skipped = len(shards) - len(pending)
             if pending:
                 total = _count(pending)
-                n = worker_count(plan, resources, len(pending))
+                n = worker_count(plan, node_resources(), len(pending))
                 print(
                     f"{len(pending)} shards to encode ({summary.shards_skipped} already committed), "
                     f"{total} samples, {n} workers, VAE {plan.config.vae.name} ({plan.config.vae.dtype})",
@@ -88,6 +96,8 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)
         finally:
+            if config.run.gpus:
+                withdraw_gpu_request()
             if owns_ray:
                 ray.shutdown()
     summary.seconds = time.monotonic() - started

@@ -136,25 +136,35 @@ class EncoderPool:
         self.actors = []
 
 
-def capacity(plan: Plan, resources: dict[str, float], gpus: bool) -> int:
-    """How many encoder actors the cluster's resources hold: one per GPU (with `run.cpus_per_worker`
-    CPUs each), or on a CPU cluster one per `run.cpus_per_worker` CPUs."""
-    fits = int(resources.get("CPU", 0) // plan.config.run.cpus_per_worker)
-    return min(fits, int(resources.get("GPU", 0))) if gpus else fits
+def node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node of the cluster."""
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
+def capacity(cpus_per_worker: int, nodes: list[dict[str, float]], gpus: bool) -> int:
+    """How many encoder actors the nodes hold, node by node (an actor's CPUs and GPU are on one
+    node): one per GPU with `cpus_per_worker` CPUs beside it, or on CPU nodes one per
+    `cpus_per_worker` CPUs."""
+    total = 0
+    for node in nodes:
+        fits = int(node.get("CPU", 0) // cpus_per_worker)
+        total += min(fits, int(node.get("GPU", 0))) if gpus else fits
+    return total
+
+
+def worker_count(plan: Plan, nodes: list[dict[str, float]], pending: int) -> int:
     """How many encoder actors to start: as asked (default one per GPU, else per `cpus_per_worker`
-    CPUs), but no more than the cluster can place and than there are shards.
+    CPUs), but no more than the cluster's nodes can place and than there are shards.
 
     Raises:
         RunFailed: The cluster cannot place a single actor.
     """
     run = plan.config.run
-    cpus, gpus = resources.get("CPU", 0), int(resources.get("GPU", 0))
-    fits = capacity(plan, resources, bool(gpus))
-    needs = f"{run.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "")
-    has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "")
+    cpus = sum(node.get("CPU", 0) for node in nodes)
+    gpus = int(sum(node.get("GPU", 0) for node in nodes))
+    fits = capacity(run.cpus_per_worker, nodes, bool(gpus))
+    needs = f"{run.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "") + " on one node"
+    has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "") + f" on {len(nodes)} nodes"
     if fits < 1:
         raise RunFailed(
             f"no encoder actor can be placed: each needs {needs}, the cluster has {has} (run.cpus_per_worker)"
@@ -163,6 +173,38 @@ def worker_count(plan: Plan, resources: dict[str, float], pending: int) -> int:
     if wanted > fits:
         print(f"{wanted} workers asked for, but the cluster ({has}) places {fits} of {needs} each", file=sys.stderr)
     return max(1, min(wanted, fits, pending))
+
+
+def request_gpus(run: RunConfig) -> dict[str, float]:
+    """Asks the autoscaler for `run.gpus` GPUs (with each actor's CPUs beside them), and waits up to
+    `run.actor_start_timeout` for the first to join; returns the cluster's resources then.
+
+    Raises:
+        RunFailed: No GPU joined in time.
+    """
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": 1, "CPU": run.cpus_per_worker}] * run.gpus)
+    deadline = time.monotonic() + run.actor_start_timeout
+    said = False
+    while (resources := ray.cluster_resources()).get("GPU", 0) < 1:
+        if time.monotonic() > deadline:
+            raise RunFailed(
+                f"asked the cluster for {run.gpus} GPUs (run.gpus), but none joined within "
+                f"run.actor_start_timeout = {run.actor_start_timeout:g} s (is there an autoscaler with GPU nodes?)"
+            )
+        if not said:
+            print(f"asked the cluster for {run.gpus} GPUs; waiting for the first GPU node", file=sys.stderr)
+            said = True
+        time.sleep(1.0)
+    return resources
+
+
+def withdraw_gpu_request() -> None:
+    """Lets the autoscaler scale the GPU nodes down again (the job is over)."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[])
 
 
 def creation_error(e: BaseException) -> str:
@@ -194,7 +236,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     while running or (queue and (idle or starting)):
         if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
             checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
-            room = capacity(plan, ray.cluster_resources(), pool.gpus) - len(pool.actors)
+            room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
             extra = min(room, len(queue))
             if extra > 0:
                 print(f"the cluster grew: starting {extra} more encoder actors", file=sys.stderr)
