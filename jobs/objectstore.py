@@ -11,7 +11,8 @@ listing of abandoned uploads.
 
 Both read the standard AWS settings: `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_REGION`, and `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`
-for an S3-compatible server (MinIO, Ceph, moto). `gs://` is read through pyarrow's GCS filesystem
+(or a profile's `endpoint_url`, resolved by boto3 for both) for an S3-compatible server (MinIO,
+Ceph, moto). `gs://` is read through pyarrow's GCS filesystem
 (Google's default credentials; `STORAGE_EMULATOR_HOST` names an emulator).
 """
 
@@ -44,15 +45,46 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def endpoint() -> str | None:
-    """The S3-compatible server the settings name, or None for AWS itself."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3-compatible server the settings name, or None for AWS itself: `AWS_ENDPOINT_URL_S3`
+    or `AWS_ENDPOINT_URL`, else an `endpoint_url` in the AWS profile (as boto3 resolves it)."""
+    named = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if named:
+        return named
+    return _profile_settings(os.environ.get("AWS_PROFILE"), os.environ.get("AWS_CONFIG_FILE"))[0]
+
+
+def region() -> str | None:
+    """`AWS_REGION` or `AWS_DEFAULT_REGION`, else the AWS profile's region."""
+    named = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if named:
+        return named
+    return _profile_settings(os.environ.get("AWS_PROFILE"), os.environ.get("AWS_CONFIG_FILE"))[1]
+
+
+@functools.cache
+def _profile_settings(profile: str | None, config_file: str | None) -> tuple[str | None, str | None]:
+    """(endpoint, region) of the AWS profile, read by botocore (its `endpoint_url`, whether at the
+    top of the profile, under `s3 =` or in a `services` section), so that pyarrow's reads go to the
+    server boto3's writes go to. (None, None) without boto3 or without a profile that names them."""
+    try:
+        import boto3
+    except ImportError:
+        return None, None
+    try:
+        session = boto3.session.Session(profile_name=profile)
+        url = session.client("s3").meta.endpoint_url
+        named_region = session._session.get_scoped_config().get("region")
+    except Exception:  # no such profile, an unreadable config: pyarrow then uses its own defaults
+        return None, None
+    host = url.split("://")[-1].split("/")[0]
+    return (None if host.endswith("amazonaws.com") else url), named_region
 
 
 def filesystem(url: str) -> pafs.FileSystem:
     """The pyarrow filesystem that reads `url` (paths on it are `bucket/key`)."""
     scheme, _ = split_url(url)
     if scheme == "s3":
-        return _s3(endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        return _s3(endpoint(), region())
     if scheme == "gs":
         return _gcs(os.environ.get("STORAGE_EMULATOR_HOST"))
     raise ValueError(f"'{url}': not an object store URL (s3:// or gs://)")
@@ -77,7 +109,7 @@ def s3_client() -> Any:
     Raises:
         ImportError: boto3 is not installed (it is a dependency of the project).
     """
-    return _client(endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+    return _client(endpoint(), region())
 
 
 @functools.cache

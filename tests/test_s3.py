@@ -23,10 +23,10 @@ from conftest import kill_session
 from test_dataset import _write
 
 from jobs.dataset import store as store_module
-from jobs.dataset.catalog import marker_names, read_commit
+from jobs.dataset.catalog import marker_names, read_commit, remove_uncommitted
 from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import read_metadata
-from jobs.dataset.store import S3Store, open_store, staging_folder
+from jobs.dataset.store import LockLost, S3Store, open_store, staging_folder
 from jobs.dataset.training import LatentDataset, latent_stream
 from jobs.demo_data import write_demo_dataset
 from jobs.inputs.shards import list_shards
@@ -131,6 +131,7 @@ def test_the_marker_is_created_once_and_data_objects_appear_whole(s3):
     store = S3Store("s3://outputs/unit", part_bytes=5 * 2**20, single_put_max=5 * 2**20)
     assert store.create("_commits/m.json", b"first") and not store.create("_commits/m.json", b"second")
     assert store.read_bytes("_commits/m.json") == b"first"
+    assert store.conditional  # the server took the conditional header: no check-then-put fallback
     data = os.urandom(12 * 2**20)  # three parts of a multipart upload
     for rel, blob in (("latents/big.tar", data), ("meta/small.parquet", data[:1000])):
         staged = store.staging(rel)
@@ -165,6 +166,18 @@ def test_an_upload_killed_midway_shows_nothing_and_its_leftover_is_aborted(s3):
     assert [p.stat().st_size for p in staging_folder().glob("*.tmp")] == [11 * 2**20]
     store.staging("latents/y.tar").unlink()
     assert not list(staging_folder().glob("*.tmp"))
+
+
+def test_a_multipart_upload_that_fails_is_aborted_at_once(s3):
+    """The server refuses to complete the upload (parts under S3's 5 MiB minimum): the object does
+    not appear, and the upload is aborted by the attempt itself, not left for a cleanup."""
+    store = S3Store("s3://outputs/refused", part_bytes=2**20, single_put_max=2**20)
+    staged = store.staging("latents/x.tar")
+    staged.write_bytes(os.urandom(3 * 2**20))
+    with pytest.raises(Exception, match="EntityTooSmall"):
+        store.publish(staged, "latents/x.tar")
+    assert store.size("latents/x.tar") is None and not staged.exists()
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="refused/").get("Uploads")
 
 
 def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, monkeypatch):
@@ -239,6 +252,34 @@ def test_a_late_attempt_on_s3_returns_the_committed_marker_and_rewrites_nothing(
     assert read_commit(store, "part-0", verify=True) == marker
     assert store.list() == ["_commits/part-0.json", "latents/part-0.tar", "meta/part-0.parquet"]  # lease released
     assert not list(staging_folder().glob(f"{os.getpid()}.*"))  # staged files consumed
+
+
+def test_an_attempt_whose_lease_is_taken_over_stops_writing_and_leaves_the_names_alone(s3, monkeypatch):
+    """The committing attempt stalls past its lease's length; another process takes the lease over.
+    The stalled attempt must notice before it writes more (a marker above all), and must not delete
+    what is under the shard's names (they may be the new holder's by now)."""
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)  # renewed every second
+    store = S3Store("s3://outputs/stalled")
+    writer, _ = _write(store)
+    publish = store.publish
+
+    def stall_then_publish(staged: Path, rel: str) -> None:
+        if rel.endswith(".tar"):
+            lease = "stalled/_commits/.part-0.lock"
+            s3.client.delete_object(Bucket="outputs", Key=lease)  # taken over, as an abandoned lease is
+            s3.client.put_object(Bucket="outputs", Key=lease, Body=b'{"host": "elsewhere", "pid": 1}')
+            time.sleep(2.5)  # the stalled holder's next renewal fails
+        publish(staged, rel)
+
+    monkeypatch.setattr(store, "publish", stall_then_publish)
+    with pytest.raises(LockLost, match="commit lock was taken over"):
+        writer.commit()
+    writer.abort()  # as the worker does after a failed commit
+    assert store.size("_commits/part-0.json") is None and store.size("meta/part-0.parquet") is None
+    assert store.size("latents/part-0.tar") is not None  # not deleted by the attempt that lost the lock
+    s3.client.delete_object(Bucket="outputs", Key="stalled/_commits/.part-0.lock")
+    assert remove_uncommitted(store) == ["part-0"]  # the job's tidy-up, once the lock is free
+    assert store.list() == []
 
 
 SETTINGS = ["--set", "video.num_frames=8", "--set", "video.height=64", "--set", "video.width=64"]
@@ -347,6 +388,9 @@ def test_a_killed_s3_run_resumes_where_it_stopped(s3, local_run):
         kill_session(job.pid)
         job.wait()
     assert store.exists(".lock") and not store.exists("manifest.json")
+    # What a kill mid-upload leaves (the job's own objects are too small for multipart uploads):
+    # the rerun aborts it.
+    s3.client.create_multipart_upload(Bucket="outputs", Key="killed-run/latents/shard-000002.tar")
     again = subprocess.run(precompute(out), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = int(re.search(r"\((\d+) already committed\)", again.stderr).group(1))
@@ -377,3 +421,22 @@ def test_a_two_node_cluster_sharing_no_directory_writes_one_s3_output(s3, local_
     # local run's, the same clips, and a dataset that checks out.
     assert clips(out) == clips(local_run)
     assert validate(out).problems == []
+
+
+def test_an_endpoint_named_in_the_aws_profile_serves_reads_and_writes(s3, tmp_path):
+    """`endpoint_url` in ~/.aws/config (no AWS_ENDPOINT_URL): boto3 (writes) and pyarrow (listing,
+    reads) both go to that server."""
+    config = tmp_path / "aws-config"
+    config.write_text(f"[profile moto]\nregion = us-east-1\nendpoint_url = {s3.env['AWS_ENDPOINT_URL']}\n")
+    script = (
+        "from jobs.dataset.store import S3Store\n"
+        "from jobs.inputs.shards import list_shards\n"
+        "store = S3Store('s3://outputs/profiled')\n"
+        "assert store.create('x.json', b'{}')\n"
+        "assert store.read_bytes('x.json') == b'{}' and store.list() == ['x.json']\n"
+        "print(len(list_shards(['s3://inputs/data/shard-*.tar'])))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    env.update(AWS_CONFIG_FILE=str(config), AWS_PROFILE="moto", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["3"], result.stderr[-3000:]

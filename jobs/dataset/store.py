@@ -50,6 +50,11 @@ SINGLE_PUT_MAX = 16 * 2**20  # bytes: larger objects go up as multipart uploads
 PART_BYTES = 64 * 2**20  # bytes per part (S3 takes 5 MiB to 5 GiB, at most 10,000 parts)
 
 
+class LockLost(OSError):
+    """A lock was taken over while held (its holder stalled past a lease's length): the holder
+    must stop writing under it."""
+
+
 class Store(ABC):
     """A dataset root; every name is a `/`-separated path relative to it."""
 
@@ -93,8 +98,11 @@ class Store(ABC):
         """Makes a staged file appear complete under `rel` (and consumes the staged file)."""
 
     @abstractmethod
-    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[None]:
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
         """Holds an exclusive lock named `rel` (one job per dataset, one committing attempt per shard).
+
+        Gives an event that is set if the lock is lost while held (a lease on an object store taken
+        over after its holder stalled past its length); a local lock is never lost.
 
         Raises:
             BlockingIOError: Another process holds it and `wait` is false.
@@ -206,9 +214,9 @@ class LocalStore(Store):
         sync_dir(final.parent)  # the name is on disk before a marker names it
 
     @contextmanager
-    def lock(self, rel: str, wait: bool = True) -> Iterator[None]:
+    def lock(self, rel: str, wait: bool = True) -> Iterator[threading.Event]:
         with file_lock(self._path(rel), wait):
-            yield
+            yield threading.Event()  # held until released: never set
 
     def lock_held(self, rel: str) -> bool:
         try:
@@ -369,7 +377,7 @@ class S3Store(Store):
         finally:
             staged.unlink(missing_ok=True)
 
-    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[None]:
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
         return _Lease(self.bucket, self._key(rel), wait)
 
     def lock_held(self, rel: str) -> bool:
@@ -457,7 +465,7 @@ def _lease_state(bucket: str, key: str) -> dict[str, Any] | None:
     return {"etag": response["ETag"], "owner": owner, "abandoned": age > LEASE_S or _owner_gone(owner)}
 
 
-class _Lease(AbstractContextManager[None]):
+class _Lease(AbstractContextManager[threading.Event]):
     """An exclusive lock on an object store: a lease object created only if absent, renewed by a
     thread while held, deleted on release; one left by a dead or silent holder is taken over."""
 
@@ -470,7 +478,7 @@ class _Lease(AbstractContextManager[None]):
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> threading.Event:
         client = s3_client()
         while True:
             try:
@@ -494,6 +502,7 @@ class _Lease(AbstractContextManager[None]):
             time.sleep(0.5)
         self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._renewer.start()
+        return self.lost
 
     def _body(self) -> bytes:
         """The lease's content; every renewal differs (so its ETag does, and a conditional delete

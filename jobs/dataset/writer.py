@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,7 +29,7 @@ from jobs.dataset.atomic import sync_close
 from jobs.dataset.catalog import Root, json_bytes, read_commit
 from jobs.dataset.faults import fault
 from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
-from jobs.dataset.store import open_store
+from jobs.dataset.store import LockLost, open_store
 from vae.checkpoint import file_sha256
 from vae.errors import describe_error
 
@@ -216,23 +217,30 @@ class ShardWriter:
             os.fsync(f.fileno())
         meta_sha, meta_bytes = file_sha256(meta_tmp), meta_tmp.stat().st_size
         fault("slow-commit")
-        with self.store.lock(self.files.lock):  # one committing attempt at a time
+        with self.store.lock(self.files.lock) as lost:  # one committing attempt at a time
             existing = read_commit(self.store, self.files.name)
             if existing is not None and existing.get("fingerprint") == self.constants["fingerprint"]:
                 self.abort()  # another attempt committed this shard: its files stay as they are
                 return existing
             try:
-                return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes)
+                return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes, lost)
+            except LockLost:
+                self._placed.clear()  # the names may be the new holder's now: left to the job's tidy-up
+                raise
             except BaseException:
                 self._unplace()  # still under the lock: a later attempt's files are never the ones removed
                 raise
 
-    def _place(self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int) -> dict[str, Any]:
+    def _place(
+        self, tar_sha: str, tar_bytes: int, meta_tmp: Path, meta_sha: str, meta_bytes: int, lost: threading.Event
+    ) -> dict[str, Any]:
         for staged, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
+            self._still_held(lost)
             self.store.publish(staged, rel)  # complete under its final name before a marker names it
             self._placed.append(rel)
         fault("before-marker")
         fault("hang-before-marker")
+        self._still_held(lost)
 
         ok = sum(r["status"] == "ok" for r in self.rows)
         marker = {
@@ -257,6 +265,13 @@ class ShardWriter:
             return existing
         self._placed.clear()  # committed: nothing to take back
         return marker
+
+    def _still_held(self, lost: threading.Event) -> None:
+        if lost.is_set():
+            raise LockLost(
+                f"{self.store}/{self.files.lock}: the shard's commit lock was taken over while this attempt "
+                "stalled; it stops before writing more"
+            )
 
     def _row(self, row: dict[str, Any]) -> dict[str, Any]:
         return {**{name: None for name in SCHEMA.names}, **self.constants, "source": self.source, **row}
