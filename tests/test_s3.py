@@ -29,6 +29,7 @@ from jobs.dataset.reader import read_metadata
 from jobs.dataset.store import LockLost, S3Store, open_store, staging_folder
 from jobs.dataset.training import LatentDataset, latent_stream
 from jobs.demo_data import write_demo_dataset
+from jobs.inputs import shards as shards_module
 from jobs.inputs.shards import list_shards
 from jobs.inputs.tar_samples import ShardReadError, read_shard
 from jobs.orchestration.config import JobConfig, UsageError
@@ -80,12 +81,17 @@ def s3(tmp_path_factory):
             os.environ[k] = v
 
 
-def test_s3_specs_list_like_local_ones(s3):
+@pytest.mark.parametrize("list_over", [16, 0])  # each named object asked for, or their folder listed once
+def test_s3_specs_list_like_local_ones(s3, list_over, monkeypatch):
+    monkeypatch.setattr(shards_module, "LIST_OVER", list_over)
     names = lambda specs: [(s.source, s.name) for s in list_shards(specs)]  # noqa: E731
     assert names(["s3://inputs/data/shard-{000000..000001}.tar"]) == [
         ("s3://inputs/data/shard-000000.tar", "shard-000000"),
         ("s3://inputs/data/shard-000001.tar", "shard-000001"),
     ]
+    assert [n for _, n in names(["s3://inputs/data/{more/extra,shard-000002}.tar"])] == ["more/extra", "shard-000002"]
+    with pytest.raises(ValueError, match="input shard not found: s3://inputs/data/shard-000003.tar"):
+        list_shards(["s3://inputs/data/shard-{000000..000003}.tar"])
     assert [n for _, n in names(["s3://inputs/data"])] == ["more/extra", "shard-000000", "shard-000001", "shard-000002"]
     assert [n for _, n in names(["s3://inputs/data/shard-*.tar"])] == ["shard-000000", "shard-000001", "shard-000002"]
     # A glob reads as a local one: `*` stays in one path part, `**` crosses them.

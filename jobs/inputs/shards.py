@@ -22,6 +22,7 @@ from __future__ import annotations
 import glob
 import http.client
 import os
+import posixpath
 import re
 import tarfile
 import urllib.request
@@ -146,15 +147,17 @@ class ObjectStorage:
             if not keys:
                 raise ValueError(f"no .tar objects under {spec}")
         else:
+            items = list(braceexpand(path))
+            exist = _existing(fs, spec, [item for item in items if not _PATTERN_CHARS.search(item)])
             keys = []
-            for item in braceexpand(path):
+            for item in items:
                 if _PATTERN_CHARS.search(item):
                     pattern = _glob_regex(item)
                     matches = [k for k in _object_keys(fs, spec, _fixed_root(item)) if pattern.match(k)]
                     if not matches:
                         raise ValueError(f"input pattern {scheme}://{item} matches no object")
                     keys += matches
-                elif fs.get_file_info(item).type == pafs.FileType.File:
+                elif item in exist:
                     keys.append(item)
                 else:
                     raise ValueError(f"input shard not found: {scheme}://{item}")
@@ -190,6 +193,18 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
             out.append(re.escape(c))
         i += 1
     return re.compile("".join(out) + r"\Z")
+
+
+LIST_OVER = 16  # more named objects than this are found by listing their folder, not one request each
+
+
+def _existing(fs: pafs.FileSystem, spec: str, paths: list[str]) -> set[str]:
+    """Which of `paths` (`bucket/key`) are objects: a request each for a few; for more (a brace
+    pattern of 10,000 shards), one listing of the folder they share (a request per 1,000 keys)."""
+    if len(paths) <= LIST_OVER:
+        return {p for p in paths if fs.get_file_info(p).type == pafs.FileType.File}
+    folder = posixpath.commonpath([posixpath.dirname(p) for p in paths])
+    return set(_object_keys(fs, spec, folder)) & set(paths)
 
 
 def _object_keys(fs: pafs.FileSystem, spec: str, prefix: str) -> list[str]:
