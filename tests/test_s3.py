@@ -186,6 +186,75 @@ def test_a_multipart_upload_that_fails_is_aborted_at_once(s3):
     assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="refused/").get("Uploads")
 
 
+@pytest.fixture
+def unconditional(s3, monkeypatch):
+    """An S3 server without conditional writes (as older MinIO and Ceph releases are): an HTTP
+    server on 127.0.0.1 that answers 501 NotImplemented to a request with If-None-Match or
+    If-Match, and passes every other request on to the moto server."""
+    import http.client
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from urllib.parse import urlsplit
+
+    upstream = urlsplit(s3.env["AWS_ENDPOINT_URL"])
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _relay(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if "If-None-Match" in self.headers or "If-Match" in self.headers:
+                error = b"<Error><Code>NotImplemented</Code><Message>conditional writes</Message></Error>"
+                self.send_response(501)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(error)))
+                self.end_headers()
+                self.wfile.write(error)
+                return
+            connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
+            connection.request(self.command, self.path, body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+            self.send_response(response.status)
+            for k, v in response.getheaders():
+                if k.lower() not in ("content-length", "transfer-encoding", "connection", "server", "date"):
+                    self.send_header(k, v)
+            # A HEAD's length is the object's, not that of its (empty) body.
+            self.send_header("Content-Length", response.getheader("Content-Length") or str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            connection.close()
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    yield server
+    server.shutdown()
+
+
+def test_a_store_without_conditional_writes_falls_back_to_checks(unconditional, monkeypatch):
+    """The marker and the leases work on such a store, by checking first (the README says so)."""
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)
+    store = S3Store("s3://outputs/unconditional")
+    assert store.create("_commits/m.json", b"first") and not store.create("_commits/m.json", b"second")
+    assert not store.conditional and store.read_bytes("_commits/m.json") == b"first"
+    store = S3Store("s3://outputs/unconditional")  # a lease is the first to find out, this time
+    with store.lock("a", wait=False) as lost:
+        assert store.lock_held("a")
+        with pytest.raises(BlockingIOError), store.lock("a", wait=False):
+            pass
+        time.sleep(2.5)  # renewed (by a plain write after a check) and still ours
+        assert not lost.is_set()
+    assert not store.lock_held("a") and store.size("a") is None  # released
+    writer, _ = _write(store)
+    marker = writer.commit()
+    assert read_commit(store, "part-0", verify=True) == marker
+
+
 def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, monkeypatch):
     monkeypatch.setattr(store_module, "LEASE_S", 4.0)  # renewed every second; times on the server are whole seconds
     store = S3Store("s3://outputs/leases")
@@ -226,7 +295,7 @@ def test_of_two_takers_of_an_abandoned_lease_only_one_gets_it(s3, monkeypatch):
     owner = {**store_module._process_identity(), "pid": int(dead.stdout), "lease": "dead"}
     s3.client.put_object(Bucket="outputs", Key="leases/race", Body=json.dumps(owner).encode())
     judge = store_module._lease_state
-    first, taken = store_module._Lease("outputs", "leases/race", wait=False), []
+    first, taken = store_module._Lease(S3Store("s3://outputs"), "leases/race", wait=False), []
 
     def late_judgement(bucket: str, key: str) -> dict[str, Any] | None:
         state = judge(bucket, key)
@@ -236,7 +305,7 @@ def test_of_two_takers_of_an_abandoned_lease_only_one_gets_it(s3, monkeypatch):
         return state
 
     monkeypatch.setattr(store_module, "_lease_state", late_judgement)
-    second = store_module._Lease("outputs", "leases/race", wait=False)
+    second = store_module._Lease(S3Store("s3://outputs"), "leases/race", wait=False)
     try:
         with pytest.raises(BlockingIOError):
             second.__enter__()

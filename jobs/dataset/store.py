@@ -321,9 +321,9 @@ class S3Store(Store):
                 return True
             except client.exceptions.ClientError as e:
                 code = _error_code(e)
-                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                if code in _TAKEN:
                     return False
-                if code not in ("NotImplemented", "InvalidArgument"):  # a store without the header
+                if code not in _UNSUPPORTED:
                     raise
                 self.conditional = False  # a store without conditional writes: check, then put
         if self.exists(rel):
@@ -378,7 +378,7 @@ class S3Store(Store):
             staged.unlink(missing_ok=True)
 
     def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
-        return _Lease(self.bucket, self._key(rel), wait)
+        return _Lease(self, self._key(rel), wait)
 
     def lock_held(self, rel: str) -> bool:
         state = _lease_state(self.bucket, self._key(rel))
@@ -465,12 +465,20 @@ def _lease_state(bucket: str, key: str) -> dict[str, Any] | None:
     return {"etag": response["ETag"], "owner": owner, "abandoned": age > LEASE_S or _owner_gone(owner)}
 
 
+_TAKEN = ("PreconditionFailed", "ConditionalRequestConflict")  # a conditional write that lost
+_UNSUPPORTED = ("NotImplemented", "InvalidArgument")  # a store without conditional headers
+
+
 class _Lease(AbstractContextManager[threading.Event]):
     """An exclusive lock on an object store: a lease object created only if absent, renewed by a
-    thread while held, deleted on release; one left by a dead or silent holder is taken over."""
+    thread while held, deleted on release; one left by a dead or silent holder is taken over.
 
-    def __init__(self, bucket: str, key: str, wait: bool) -> None:
-        self.bucket, self.key, self.wait = bucket, key, wait
+    On a store without conditional writes (`store.conditional` false) every step is a check, then
+    a plain write, then (for the claim) a read-back of whose lease is there: best effort, since two
+    processes that both check before either writes can both take it."""
+
+    def __init__(self, store: S3Store, key: str, wait: bool) -> None:
+        self.store, self.bucket, self.key, self.wait = store, store.bucket, key, wait
         self.owner = {**_process_identity(), "lease": uuid.uuid4().hex}
         self.beats = 0
         self.etag = ""
@@ -479,30 +487,54 @@ class _Lease(AbstractContextManager[threading.Event]):
         self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> threading.Event:
-        client = s3_client()
-        while True:
-            try:
-                self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")[
-                    "ETag"
-                ]
-                break
-            except client.exceptions.ClientError as e:
-                if _error_code(e) not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                    raise
+        while not self._claim():
             state = _lease_state(self.bucket, self.key)
-            if state is not None and state["abandoned"]:
-                try:  # only the lease we judged: a holder that renewed it meanwhile keeps it
-                    client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=state["etag"])
-                except client.exceptions.ClientError as e:
-                    if _error_code(e) not in ("PreconditionFailed", "NoSuchKey", "404"):
-                        raise
+            if state is None:
+                continue  # released meanwhile
+            if state["abandoned"]:
+                self._delete(state["etag"])  # only the lease we judged: one renewed meanwhile stays
                 continue
             if not self.wait:
-                raise BlockingIOError(f"s3://{self.bucket}/{self.key} is held by {state and state['owner']}")
+                raise BlockingIOError(f"s3://{self.bucket}/{self.key} is held by {state['owner']}")
             time.sleep(0.5)
         self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._renewer.start()
         return self.lost
+
+    def _claim(self) -> bool:
+        """Creates the lease object if there is none; whether this process holds it now."""
+        client = s3_client()
+        if self.store.conditional:
+            try:
+                self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfNoneMatch="*")[
+                    "ETag"
+                ]
+                return True
+            except client.exceptions.ClientError as e:
+                if _error_code(e) in _TAKEN:
+                    return False
+                if _error_code(e) not in _UNSUPPORTED:
+                    raise
+                self.store.conditional = False
+        if _lease_state(self.bucket, self.key) is not None:
+            return False
+        self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body())["ETag"]
+        return self._ours()
+
+    def _ours(self) -> bool:
+        state = _lease_state(self.bucket, self.key)
+        return state is not None and state["owner"].get("lease") == self.owner["lease"]
+
+    def _delete(self, etag: str) -> None:
+        client = s3_client()
+        if not self.store.conditional:
+            client.delete_object(Bucket=self.bucket, Key=self.key)
+            return
+        try:
+            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=etag)
+        except client.exceptions.ClientError as e:
+            if _error_code(e) not in (*_TAKEN, "NoSuchKey", "404"):
+                raise
 
     def _body(self) -> bytes:
         """The lease's content; every renewal differs (so its ETag does, and a conditional delete
@@ -514,9 +546,14 @@ class _Lease(AbstractContextManager[threading.Event]):
         client = s3_client()
         while not self._stop.wait(LEASE_S / 4):
             try:
-                self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag)[
-                    "ETag"
-                ]
+                if self.store.conditional:
+                    self.etag = client.put_object(
+                        Bucket=self.bucket, Key=self.key, Body=self._body(), IfMatch=self.etag
+                    )["ETag"]
+                elif self._ours():
+                    self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body())["ETag"]
+                else:
+                    raise client.exceptions.ClientError({"Error": {"Code": "PreconditionFailed"}}, "PutObject")
             except client.exceptions.ClientError:
                 self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
                 return
@@ -529,11 +566,10 @@ class _Lease(AbstractContextManager[threading.Event]):
             self._renewer.join()
         if self.lost.is_set():
             return
-        client = s3_client()
-        try:
-            client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-        except client.exceptions.ClientError:
-            pass  # no longer ours
+        if self.store.conditional:
+            self._delete(self.etag)  # no longer ours if it fails
+        elif self._ours():
+            self._delete(self.etag)
 
 
 def open_store(root: str | Path | Store) -> Store:
