@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import duckdb
@@ -26,7 +27,7 @@ from jobs.orchestration.config import RunFailed, TilingSection, UsageError, appl
 from jobs.orchestration.driver import prepare_output, run
 from jobs.orchestration.pool import EncoderPool
 from jobs.orchestration.settings import check_config, make_plan
-from jobs.orchestration.worker import sample_seed
+from jobs.orchestration.worker import reason_kind, sample_seed
 from jobs.precompute import main
 from vae import encode_video, get_preset, load_vae, plan_encode
 
@@ -474,6 +475,11 @@ def test_samples_over_a_limit_are_error_rows_naming_it(ray_cluster, demo_shards,
     summary = run(config)
     rows = read_metadata(tmp_path / "o").to_pylist()
     assert summary.complete and len(rows) == 4 and all(r["status"] == "error" and reason in r["error"] for r in rows)
+    # The report and the summary count error rows by reason (numbers elided, so alike errors add up).
+    kinds = Counter(reason_kind(r["error"]) for r in rows)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["errors"] == 4 and report["error_reasons"] == [{"reason": k, "count": n} for k, n in kinds.items()]
+    assert f"errors by reason: {'; '.join(f'{k} ({n})' for k, n in kinds.items())}" in summary.text()
 
 
 def test_the_error_budget_stops_the_job_and_a_rerun_goes_on(ray_cluster, demo_shards, tmp_path, capsys):
