@@ -193,6 +193,8 @@ NOT_FINGERPRINTED = [
     "run.max_attempts=1",
     "run.decode_threads=1",
     "run.address=127.0.0.1:6379",
+    "run.gpus=4",
+    "run.progress_interval_s=2",
     "limits.max_frames=1000",
     "limits.max_pixels=1000000",
 ]

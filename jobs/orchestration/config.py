@@ -125,6 +125,9 @@ class RunConfig:
     # its samples are error rows, counted after `error_rate_after` samples. 1.0 never stops.
     max_error_rate: float = 0.5
     error_rate_after: int = 100
+    # Seconds between the driver's progress lines where stderr is no terminal (`ray job logs -f`,
+    # a file); a terminal's line is redrawn in place. Not fingerprinted: it changes no output byte.
+    progress_interval_s: float = 10.0
 
 
 @dataclass
@@ -179,6 +182,8 @@ class JobConfig:
             raise UsageError(f"run.error_rate_after must be at least 1; got {self.run.error_rate_after}")
         if self.run.scale_interval_s <= 0:
             raise UsageError(f"run.scale_interval_s must be positive seconds; got {self.run.scale_interval_s}")
+        if self.run.progress_interval_s <= 0:
+            raise UsageError(f"run.progress_interval_s must be positive seconds; got {self.run.progress_interval_s}")
         if self.run.actor_start_timeout <= 0:
             raise UsageError(f"run.actor_start_timeout must be positive seconds; got {self.run.actor_start_timeout}")
         if not 0 <= self.vae.seed < 2**63:  # torch seeds its generators with a 64-bit integer

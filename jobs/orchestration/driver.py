@@ -42,7 +42,7 @@ from jobs.orchestration.pool import (
     withdraw_gpu_request,
     worker_count,
 )
-from jobs.orchestration.progress import ProgressBar, Summary
+from jobs.orchestration.progress import ProgressBar, SampleCount, Summary
 from jobs.orchestration.settings import Plan, check_config, differences, make_plan
 
 log = logging.getLogger("jobs.precompute")
@@ -81,7 +81,9 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     file=sys.stderr,
                 )
                 pool = EncoderPool(plan, n, resources.get("GPU", 0))
-                bar = ProgressBar(total, len(pending))
+                bar = ProgressBar(
+                    total.known, len(pending), uncounted=total.uncounted, log_every=config.run.progress_interval_s
+                )
                 try:
                     schedule(plan, pending, pool, bar, summary)
                 except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
@@ -176,7 +178,9 @@ def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
     return pending
 
 
-def _count(shards: list[Shard]) -> int:
-    """Samples in the shards, from tar headers (local shards only; others count as one each)."""
+def _count(shards: list[Shard]) -> SampleCount:
+    """Samples in the local shards, from their tar headers; the other shards are left uncounted
+    (their headers would be read over the network: the whole shard, for a tar)."""
+    local = [s for s in shards if s.is_local]
     with ThreadPoolExecutor(8) as pool:
-        return sum(pool.map(lambda s: count_samples(s.source) if s.is_local else 1, shards))
+        return SampleCount(sum(pool.map(lambda s: count_samples(s.source), local)), len(shards) - len(local))

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 
 def format_bytes(n: float) -> str:
@@ -26,12 +28,28 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+class SampleCount(NamedTuple):
+    """The samples a run expects, as far as they were counted before it started."""
+
+    known: int  # samples in the shards that could be counted (local tars, from their headers)
+    uncounted: int  # shards not counted (remote, `pipe:`): reading their headers would mean reading them
+
+    def __str__(self) -> str:
+        if not self.uncounted:
+            return str(self.known)
+        return f"{self.known}+?" if self.known else "?"
+
+
 class ProgressBar:
     """Samples done of total, errors, rates and ETA.
 
     On a terminal the line is redrawn in place at most `refresh` times a second; elsewhere
     (`ray job logs -f`, CI, a file) a plain line is printed every `log_every` seconds, with each
     encoder actor's rate after it (no carriage returns).
+
+    `total` counts the samples of the counted shards; the samples of the `uncounted` ones (or of
+    all, once more samples arrive than were counted, as with several clips per video) are
+    estimated from the samples per committed shard so far, and shown as `~N`, `~P%`, `ETA ~T`.
     """
 
     def __init__(
@@ -41,16 +59,20 @@ class ProgressBar:
         stream: TextIO | None = None,
         refresh: float = 0.1,
         log_every: float = 10.0,
+        uncounted: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.total = total
         self.shards = shards
+        self.uncounted = uncounted
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.interval = refresh if self.tty else log_every
+        self.clock = clock
         self.samples = self.frames = self.shards_done = self.errors = 0
         self.per_actor: Counter[str] = Counter()  # samples by encoder actor ("w0", "w1", ...)
-        self.start = time.monotonic()
-        self._last = 0.0
+        self.start = clock()
+        self._last = -math.inf  # the first update draws
 
     def update(self, samples: int = 0, frames: int = 0, shards: int = 0, errors: int = 0, actor: str = "") -> None:
         self.samples += samples
@@ -59,27 +81,58 @@ class ProgressBar:
         self.errors += errors
         if actor and samples:
             self.per_actor[actor] += samples
-        self.total = max(self.total, self.samples)
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last >= self.interval:
             self._last = now
             self._draw()
 
+    def expected(self) -> tuple[float | None, bool]:
+        """The samples the run will have done, and whether that is an estimate (None: none yet).
+
+        While shards are pending an estimate stays above the samples done, so it never claims 100%.
+        """
+        if self.shards_done >= self.shards:
+            return (self.samples if self.uncounted else max(self.total, self.samples)), False
+        if not self.uncounted and self.samples < self.total:
+            return self.total, False
+        if not self.shards_done:
+            return None, True
+        per_shard = self.samples / self.shards_done  # includes the shards in flight: a little high
+        guess = self.total + self.uncounted * per_shard
+        if guess <= self.samples:  # the counts were short: the pending shards' share, by shard
+            guess = self.samples * self.shards / self.shards_done
+        return guess, True
+
     def line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(self.clock() - self.start, 1e-9)
         rate = self.samples / elapsed
-        pct = 100.0 * self.samples / self.total if self.total else 100.0
+        expected, estimated = self.expected()
         width = 24
-        filled = int(width * pct / 100)
-        eta = format_seconds((self.total - self.samples) / rate) if rate > 0 else "?"
+        if expected is None:
+            total, percent, filled, eta = "?", "    ?%", 0, "?"
+        else:
+            pct = 100.0 * self.samples / expected if expected else 100.0
+            if estimated:
+                pct = min(pct, 99.9)
+            filled = int(width * pct / 100)
+            left = (expected - self.samples) / rate if rate > 0 else None
+            if estimated:
+                total, percent = f"~{expected:.0f}", f"~{pct:.1f}%"
+                eta = "?" if left is None else "~" + format_seconds(max(left, 1.0))
+            else:
+                total, percent = str(int(expected)), f"{pct:5.1f}%"
+                eta = "?" if left is None else format_seconds(left)
+        shards = f"shards {self.shards_done}/{self.shards}" + (
+            f" ({self.uncounted} uncounted)" if self.uncounted else ""
+        )
         return (
-            f"{self.samples}/{self.total} samples {pct:5.1f}% |{'#' * filled}{'.' * (width - filled)}| "
+            f"{self.samples}/{total} samples {percent} |{'#' * filled}{'.' * (width - filled)}| "
             f"{self.errors} errors, {rate:.2f} samples/s, {self.frames / elapsed:.1f} frames/s, "
-            f"ETA {eta}, shards {self.shards_done}/{self.shards}, {format_seconds(elapsed)} elapsed"
+            f"ETA {eta}, {shards}, {format_seconds(elapsed)} elapsed"
         )
 
     def actors_line(self) -> str:
-        elapsed = max(time.monotonic() - self.start, 1e-9)
+        elapsed = max(self.clock() - self.start, 1e-9)
         return ", ".join(f"{a} {n / elapsed:.2f}/s" for a, n in sorted(self.per_actor.items()))
 
     def _draw(self) -> None:
