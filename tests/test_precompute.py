@@ -194,6 +194,7 @@ NOT_FINGERPRINTED = [
     "run.decode_threads=1",
     "run.address=127.0.0.1:6379",
     "run.gpus=4",
+    "run.pin_memory=false",
     "run.progress_interval_s=2",
     "limits.max_frames=1000",
     "limits.max_pixels=1000000",

@@ -118,6 +118,9 @@ class RunConfig:
     # Convolutions in channels-last layout: faster on most hardware (benchmarks/encoder.py); the
     # latents' last bits change (about 1e-6), so it is part of the fingerprint
     channels_last: bool = False
+    # On a GPU, batches are stacked into page-locked host memory, so that their copy to the GPU is
+    # a DMA that needs no staging copy of its own (the bytes are the same either way)
+    pin_memory: bool = True
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
     scale_interval_s: float = 30.0  # with workers 0: how often the pool looks for new nodes to start actors on

@@ -151,6 +151,7 @@ class ShardEncoder:
             default=(config.video.num_frames, config.video.height, config.video.width),
         )
         self.clip_bytes = 3 * t * h * w * 4 * (self.request.max_clips if self.request.multi_clip else 1)
+        self._pinned: torch.Tensor | None = None  # the page-locked batch buffer (`run.pin_memory`)
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
@@ -296,10 +297,22 @@ class ShardEncoder:
         except Exception as e:
             return e
 
+    def _host_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The clips stacked into one host tensor: on a GPU with `run.pin_memory`, into a page-locked
+        buffer kept for the batch's shape (one at a time). Reusing it is safe because each batch's
+        latents are copied back to the host, which waits for the stream, before the next is stacked."""
+        if self.device.type != "cuda" or not self.config.run.pin_memory:
+            return torch.stack(pixels)
+        shape = (len(pixels), *pixels[0].shape)
+        if self._pinned is None or tuple(self._pinned.shape) != shape or self._pinned.dtype != pixels[0].dtype:
+            self._pinned = None  # freed before the next is allocated
+            self._pinned = torch.empty(shape, dtype=pixels[0].dtype, pin_memory=True)
+        return torch.stack(pixels, out=self._pinned)
+
     @torch.inference_mode()
     def _run_model(self, items: list[_Decoded]) -> list[dict[str, torch.Tensor]]:
         assert all(item.clip is not None for item in items)
-        x = torch.stack([item.clip.pixels for item in items])  # type: ignore[union-attr]
+        x = self._host_batch([item.clip.pixels for item in items])  # type: ignore[union-attr]
         x = x.to(self.device, self.dtype, non_blocking=True)
         if self.config.run.channels_last:
             x = channels_last_input(self.preset, x)
