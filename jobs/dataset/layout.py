@@ -108,6 +108,8 @@ class ShardFiles:
 
 
 _UNSAFE_PART = re.compile(r"^\.{1,2}$|[\x00-\x1f\x7f\\]")
+# webdataset skips every member under a first folder named `__<anything>__` (its metadata).
+_SKIPPED_FOLDER = re.compile(r"^__[^/]*__/")
 MAX_MEMBER_STEM = 200  # bytes: a tar member name, and a file name when extracted, stay well under 255
 
 
@@ -118,16 +120,31 @@ def member_stem(key: str, clip: int | None = None) -> str:
     fixed-width suffix on every clip keeps stems unique, and no dot keeps webdataset's keys whole.
 
     A key that is a safe relative path is its own stem. Any other (absolute, `..` or empty
-    parts, control characters or backslashes, too long) is cleaned and given a hash of the key, so
-    that no extraction can leave the destination folder and no two keys share a stem; the row
-    and the sidecar keep the original key.
+    parts, control characters or backslashes, too long, a dot in its last part, a first folder
+    webdataset skips) is cleaned and given a hash of the key (`<cleaned>~<16 hex>`), so that no
+    extraction can leave the destination folder and webdataset reads every stem whole: it takes
+    the last part of a member name up to its first dot as the key, so that part of a stem holds
+    no dot, even where the cut to `MAX_MEMBER_STEM` bytes lands inside a dotted folder name
+    (dots in folders are fine). The row and the sidecar keep the original key.
+
+    Distinct keys can still share a stem (a key spelled like another's cleaned stem, or a hash
+    collision); `ShardWriter.add` refuses the second sample of a shard whose stem is taken.
     """
     if clip is not None:
         return f"{member_stem(key)}_c{clip:03d}"
     parts = key.split("/")
-    if len(key.encode()) <= MAX_MEMBER_STEM and all(p and not _UNSAFE_PART.search(p) for p in parts):
+    if (
+        len(key.encode()) <= MAX_MEMBER_STEM
+        and all(p and not _UNSAFE_PART.search(p) for p in parts)
+        and "." not in parts[-1]
+        and not _SKIPPED_FOLDER.match(key)
+    ):
         return key
     cleaned = "/".join(_UNSAFE_PART.sub("_", p) or "_" for p in parts if p != "") or "_"
     digest = hashlib.sha256(key.encode("utf-8", "backslashreplace")).hexdigest()[:16]
     head = cleaned.encode()[: MAX_MEMBER_STEM - 17].decode("utf-8", "ignore")
+    folder, slash, last = head.rpartition("/")  # after the cut: it may end inside a folder's name
+    head = folder + slash + last.replace(".", "_")
+    if _SKIPPED_FOLDER.match(head):
+        head = head[1:]
     return f"{head}~{digest}"

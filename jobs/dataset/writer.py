@@ -110,6 +110,7 @@ class ShardWriter:
         self._shard_errors = 0
         self._tmp: list[Path] = []
         self._placed: list[str] = []  # final names this attempt has published, until committed
+        self._stems: dict[str, str] = {}  # member stem -> the key that took it (two of a name break webdataset)
         self._tar_path = self._temp(self.files.latents)
         self._raw = open(self._tar_path, "wb")
         self._hash = _HashingWriter(self._raw)
@@ -139,6 +140,8 @@ class ShardWriter:
         """Adds an encoded clip: its tensors as `<stem>.safetensors`, a JSON sidecar, a row.
 
         `clip` numbers the clips of a video when it may give several (the stem then says which).
+        A sample whose stem (`member_stem`) an earlier sample of the shard took is refused: a tar
+        with two members of one name is one webdataset does not read.
 
         Raises:
             ValueError: The sample cannot be stored (nothing of it was written; make it an error row).
@@ -168,8 +171,14 @@ class ShardWriter:
         except (ValueError, TypeError, RecursionError, pa.ArrowException) as e:
             raise ValueError(f"cannot store the sample: {describe_error(e)}") from e
         stem = member_stem(row["key"], clip)
+        if stem in self._stems:
+            raise ValueError(
+                f"cannot store the sample: its member name {stem[:120]!r} is taken by the sample "
+                f"{self._stems[stem][:120]!r}"
+            )
         row["offset"], row["size"] = self._add_member(f"{stem}.safetensors", blob), len(blob)
         self._add_member(f"{stem}.json", sidecar_bytes)
+        self._stems[stem] = row["key"]
         self.rows.append(row)
 
     def add_error(self, key: str, index: int, reason: str, fields: dict[str, Any] | None = None) -> None:
