@@ -441,7 +441,10 @@ def test_a_manifest_that_cannot_be_written_fails_the_run_and_leaves_no_temporary
 def test_more_workers_than_the_cluster_places_start_what_fits(ray_cluster, demo_shards, tmp_path, capsys):
     summary = run(small_config(demo_shards[:2], tmp_path / "o", run={"workers": 4}))  # the cluster has 2 CPUs
     assert summary.complete and summary.shards_written == 2
-    assert "4 workers asked for, but the cluster (2 CPUs) places 2 of 1 CPUs each" in capsys.readouterr().err
+    assert (
+        "4 workers asked for, but the cluster (2 CPUs on 1 node) places 2 of 1 CPUs on one node each"
+        in capsys.readouterr().err
+    )
 
 
 def test_no_placeable_worker_or_a_bad_seed_is_one_line(ray_cluster, demo_shards, tmp_path, capsys):
@@ -450,7 +453,8 @@ def test_no_placeable_worker_or_a_bad_seed_is_one_line(ray_cluster, demo_shards,
     err = capsys.readouterr().err.strip().splitlines()
     assert (
         err[-1]
-        == "error: no encoder actor can be placed: each needs 64 CPUs, the cluster has 2 CPUs (run.cpus_per_worker)"
+        == "error: no encoder actor can be placed: each needs 64 CPUs on one node, the cluster has 2 CPUs on 1 node "
+        "(run.cpus_per_worker)"
     )
     assert main([*argv, "--set", "vae.seed=18446744073709551616"]) == 2
     assert capsys.readouterr().err.strip() == "error: vae.seed must be in [0, 2**63); got 18446744073709551616"

@@ -164,7 +164,7 @@ def worker_count(plan: Plan, nodes: list[dict[str, float]], pending: int) -> int
     gpus = int(sum(node.get("GPU", 0) for node in nodes))
     fits = capacity(run.cpus_per_worker, nodes, bool(gpus))
     needs = f"{run.cpus_per_worker} CPUs" + (" and 1 GPU" if gpus else "") + " on one node"
-    has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "") + f" on {len(nodes)} nodes"
+    has = f"{cpus:g} CPUs" + (f" and {gpus} GPUs" if gpus else "") + f" on {len(nodes)} node" + "s" * (len(nodes) != 1)
     if fits < 1:
         raise RunFailed(
             f"no encoder actor can be placed: each needs {needs}, the cluster has {has} (run.cpus_per_worker)"
