@@ -553,7 +553,8 @@ class _Lease(AbstractContextManager[threading.Event]):
                 elif self._ours():
                     self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body())["ETag"]
                 else:
-                    raise client.exceptions.ClientError({"Error": {"Code": "PreconditionFailed"}}, "PutObject")
+                    self.lost.set()  # another process's lease is there now
+                    return
             except client.exceptions.ClientError:
                 self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
                 return
