@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                               # CPU, flux-ae-tiny, 48 clips
     python benchmarks/throughput.py --clips 200 --preset hunyuan-vae-tiny --frames 9
+    python benchmarks/throughput.py --resize decoder --techniques float-frames batch-1 one-process
     python benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256
     python benchmarks/throughput.py --clips 384 --readme README.md # and rewrite the README's table
 
@@ -11,7 +12,8 @@ Measures, on the same clips, VAE and cores:
 - encode only: the VAE on synthetic clips of the job's shape, `run.batch_size` per call;
 - the bound they set when each clip is decoded and then encoded: 1 / (1/decode + 1/encode);
 - end to end: the real job (`jobs.orchestration.driver.run`) on an embedded Ray cluster, Ray's
-  start-up timed apart;
+  start-up timed apart; then again with each technique of `--techniques` turned off (`compile`
+  turned on): pinned host memory, uint8 host frames, batches of a bucket, parallel decoding;
 - baseline "loop": one process decoding, encoding and saving each clip as a trainer's caching
   script does;
 - baseline "ray-data": Ray Data's `read_webdataset` -> decode -> `map_batches` with VAE actors ->
@@ -26,6 +28,7 @@ command, each figure beside the bound it is measured against).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -129,7 +132,7 @@ def job_config(shards: list[Path], out: Path, args: argparse.Namespace) -> JobCo
         input=[str(s) for s in shards],
         output=str(out),
         vae=VAEConfig(name=args.preset),
-        video=VideoConfig(num_frames=args.frames, height=args.size, width=args.size),
+        video=VideoConfig(num_frames=args.frames, height=args.size, width=args.size, resize=args.resize),
         run=RunConfig(
             workers=args.workers,
             cpus_per_worker=args.cpus_per_worker,
@@ -140,9 +143,20 @@ def job_config(shards: list[Path], out: Path, args: argparse.Namespace) -> JobCo
     )
 
 
+# The job again with one technique turned off (or, for `compile`, on): name -> (row, `run` settings).
+TECHNIQUES = {
+    "pageable": ("job, pageable host memory", {"pin_memory": False}),
+    "float-frames": ("job, float32 host frames", {"uint8_frames": False}),
+    "batch-1": ("job, batch 1", {"batch_size": 1}),
+    "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
+    "compile": ("job, compiled encoder", {"compile": True}),
+}
+DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "float-frames", "batch-1"]}
+
+
 def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The job on an embedded Ray cluster; on a GPU a second run with pageable host memory
-    (`run.pin_memory` off), the technique on and off."""
+    """The job on an embedded Ray cluster; then once more per technique of `--techniques`, with
+    that technique turned off (`compile`: on), the rest as they were."""
     import ray
 
     from jobs.orchestration.driver import run
@@ -150,10 +164,10 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     results: list[dict[str, Any]] = [{"name": "ray start-up", "frames": 0, "seconds": time.perf_counter() - started}]
-    runs = [("job, end to end", True)] + ([("job, pageable host memory", False)] if args.device == "cuda" else [])
-    for name, pinned in runs:
+    runs = [("job, end to end", {})] + [TECHNIQUES[t] for t in args.techniques]
+    for name, settings in runs:
         config = job_config(shards, out / name.replace(" ", "-").replace(",", ""), args)
-        config.run.pin_memory = pinned
+        config.run = dataclasses.replace(config.run, **settings)
         started = time.perf_counter()
         summary = run(config)
         seconds = time.perf_counter() - started
@@ -254,10 +268,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--cpus-per-worker", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--decode-processes", type=int, default=2)
+    parser.add_argument("--resize", default="exact", choices=["exact", "decoder"], help="video.resize")
+    parser.add_argument(
+        "--techniques",
+        nargs="*",
+        choices=list(TECHNIQUES),
+        help="run the job again with each turned off (compile: on); default on a GPU: "
+        + " ".join(DEFAULT_TECHNIQUES["cuda"]),
+    )
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak (H100/H200 SXM bf16: 989), for MFU")
     parser.add_argument("--readme", type=Path, help="rewrite the results table of this Markdown file")
     args = parser.parse_args()
-    request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size)
+    if args.techniques is None:
+        args.techniques = DEFAULT_TECHNIQUES[args.device]
+    request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size, resize=args.resize)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -316,7 +340,8 @@ def results_table(
         f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
         f"{figures['videos']} videos of mixed sizes and lengths ({VIDEOS}), one "
         f"{args.frames}x{args.size}x{args.size} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
-        f"{args.decode_processes} decoding processes, {args.workers} encoder actor(s) of {args.cpus_per_worker} "
+        f"{args.decode_processes} decoding processes, `video.resize: {args.resize}`, {args.workers} encoder "
+        f"actor(s) of {args.cpus_per_worker} "
         f"threads. Command: `{command}` "
         f"({time.strftime('%Y-%m-%d')}).",
         "",
@@ -330,8 +355,9 @@ def results_table(
         ),
         "baseline: Ray Data": f"the job: {job / data:.2f}x this (target 1.5)" if data else "",
     }
-    if pageable := rate.get("job, pageable host memory"):
-        against["job, pageable host memory"] = f"the job (pinned): {job / pageable:.2f}x this"
+    for name, _ in TECHNIQUES.values():
+        if other := rate.get(name):
+            against[name] = f"the job: {job / other:.2f}x this"
     for r in results:
         cells = [r["name"], r["frames"], r["seconds"], r["frames_per_s"] or "", r["videos_per_s"] or ""]
         cells.append(against.get(r["name"], ""))

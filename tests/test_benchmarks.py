@@ -45,10 +45,15 @@ def test_the_encoder_benchmark_measures_every_technique_against_the_baseline(tmp
 
 def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_path):
     readme = _readme(tmp_path, "throughput")
-    rows = _run("benchmarks/throughput.py", "--clips", "8", "--per-shard", "4", "--readme", str(readme))
+    rows = _run(
+        "benchmarks/throughput.py",
+        *("--clips", "8", "--per-shard", "4", "--resize", "decoder", "--techniques", "float-frames"),
+        *("--readme", str(readme)),
+    )
     by_name = {r["name"]: r for r in rows}
     for name in ("decode, 1 thread", "encode, batch 4", "baseline: single-process loop", "job, end to end"):
         assert by_name[name]["frames"] == 8 * 8, name  # every clip, 8 frames each
-    assert by_name["job, end to end"]["clips"] == 8
+    assert by_name["job, end to end"]["clips"] == by_name["job, float32 host frames"]["clips"] == 8
     text = readme.read_text()
     assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
+    assert "`video.resize: decoder`" in text and "| job, float32 host frames |" in text

@@ -187,6 +187,7 @@ FINGERPRINTED = [
     "run.batch_size=3",
     "run.cpus_per_worker=2",
     "run.channels_last=true",
+    "run.compile=true",
 ]
 NOT_FINGERPRINTED = [
     "run.workers=2",
@@ -195,6 +196,7 @@ NOT_FINGERPRINTED = [
     "run.address=127.0.0.1:6379",
     "run.gpus=4",
     "run.pin_memory=false",
+    "run.uint8_frames=false",
     "run.progress_interval_s=2",
     "limits.max_frames=1000",
     "limits.max_pixels=1000000",

@@ -18,6 +18,7 @@ Nothing here knows about Ray, tar files or Parquet. The modules, from the bottom
 from vae.codec import (
     channels_last,
     channels_last_input,
+    compile_encoder,
     decode_video,
     encode_video,
     estimate_bytes,
@@ -47,6 +48,7 @@ __all__ = [
     "channels_last",
     "channels_last_input",
     "check_checkpoint",
+    "compile_encoder",
     "decode_video",
     "describe_error",
     "encode_video",

@@ -5,7 +5,9 @@ So each decode runs in one of a few child processes; if a sample is not decoded 
 timeout, its process is killed and replaced, the sample fails with a clear reason, and the
 worker goes on. The encoded bytes go to the child through a pipe; the child probes the sample
 and sends back the clips it plans (`jobs.inputs.sampling`), the parent allocates shared memory
-of their size, and the child decodes into it; the parent frees it.
+of their size, and the child decodes into it; the parent frees it. A clip whose pixels are whole
+numbers before their scaling to [-1, 1] (FFmpeg's scaler, or frames that need no resize) travels
+as uint8, a quarter of the bytes, and becomes float on the encoder's device (`signed_unit`).
 
     pool = DecodePool(processes=2, timeout=300)
     clips = pool.submit(video_bytes, ClipSpec(ClipRequest(17, 256, 256)), key).result()   # raises VideoError
@@ -20,6 +22,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
@@ -30,8 +33,8 @@ import numpy as np
 import torch
 
 from jobs.inputs.forkserver import CONTEXT  # children come from a clean fork server
-from jobs.inputs.sampling import ClipPlan, ClipRequest
-from jobs.inputs.video import Clip, DecodeLimits, VideoError, VideoFile, VideoInfo
+from jobs.inputs.sampling import ClipPlan, ClipRequest, ResizeMode
+from jobs.inputs.video import Clip, DecodeLimits, FrameSizeChanged, VideoError, VideoFile, VideoInfo
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
@@ -43,11 +46,17 @@ class ClipSpec:
 
     request: ClipRequest
     limits: DecodeLimits = DecodeLimits()
+    uint8: bool = True  # clips of whole pixels come back as uint8 (`run.uint8_frames`)
+
+
+def clip_nbytes(plan: ClipPlan, uint8: bool) -> int:
+    return plan.nbytes // 4 if uint8 else plan.nbytes  # `nbytes` counts float32
 
 
 def _child(conn: Connection) -> None:
-    """A decoding process: (bytes, spec, key) in; ("plan", plans) out, a shared memory name in,
-    ("ok", info) out; or ("video", reason) out at any step."""
+    """A decoding process: (bytes, spec, key) in; ("plan", (plans, uint8 flags)) out, a shared memory
+    name in, then ("ok", info) out, or the plan again in float32 (a frame changed size) and so on;
+    or ("video", reason) out at any step."""
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
     while True:
         try:
@@ -57,24 +66,44 @@ def _child(conn: Connection) -> None:
         try:
             video = VideoFile(data, spec.limits)
             plans = video.clips(spec.request, key)
-            conn.send(("plan", plans))
-            name = conn.recv()
-            shm = SharedMemory(name=name)
+            uint8 = [spec.uint8 and video.whole_pixels(plan, spec.request.resize) for plan in plans]
+            conn.send(("plan", (plans, uint8)))
             try:
-                offset = 0
-                for plan in plans:
-                    shape = (3, plan.num_frames, plan.height, plan.width)
-                    out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset)
-                    video.decode(plan, torch.from_numpy(out), spec.request.resize)
-                    offset += plan.nbytes
-                    del out
-            finally:
-                shm.close()
+                _decode_into(conn.recv(), video, plans, uint8, spec.request.resize)
+            except FrameSizeChanged:
+                uint8 = [False] * len(plans)
+                conn.send(("plan", (plans, uint8)))
+                _decode_into(conn.recv(), video, plans, uint8, spec.request.resize)
             conn.send(("ok", asdict(video.info)))
         except VideoError as e:
             conn.send(("video", str(e)))
         except Exception as e:  # a sample must not end the process: the parent makes it an error row
             conn.send(("video", f"decode failed: {describe_error(e)}"))
+
+
+def _decode_into(name: str, video: VideoFile, plans: list[ClipPlan], uint8: list[bool], resize: ResizeMode) -> None:
+    shm = SharedMemory(name=name)
+    try:
+        for plan, out in zip(plans, _views(shm, plans, uint8)):
+            video.decode(plan, out, resize)
+            del out
+    finally:
+        shm.close()
+
+
+def _views(shm: SharedMemory, plans: list[ClipPlan], uint8: list[bool]) -> Iterator[torch.Tensor]:
+    """Each clip's tensor in the shared memory, one after another."""
+    offset = 0
+    for plan, whole in zip(plans, uint8):
+        shape = (3, plan.num_frames, plan.height, plan.width)
+        dtype = np.uint8 if whole else np.float32
+        yield torch.from_numpy(np.ndarray(shape, dtype=dtype, buffer=shm.buf, offset=offset))
+        offset += clip_nbytes(plan, whole)
+
+
+def _free(shm: SharedMemory) -> None:
+    shm.close()
+    shm.unlink()
 
 
 class DecodeUnavailable(RuntimeError):
@@ -167,25 +196,23 @@ class _Slot:
         deadline = time.monotonic() + self.pool.timeout
         self.conn.send((data, spec, key))
         kind, payload = self._receive(deadline)
-        if kind == "video":
-            raise VideoError(payload)
-        plans: list[ClipPlan] = payload
-        shm = SharedMemory(create=True, size=max(1, sum(p.nbytes for p in plans)))
+        shm: SharedMemory | None = None
         try:
-            self.conn.send(shm.name)
-            kind, payload = self._receive(deadline)
+            while kind == "plan":  # again, in float32, where a frame changed size mid-clip
+                if shm is not None:
+                    _free(shm)
+                plans, uint8 = payload
+                shm = SharedMemory(create=True, size=max(1, sum(map(clip_nbytes, plans, uint8))))
+                self.conn.send(shm.name)
+                kind, payload = self._receive(deadline)
             if kind == "video":
                 raise VideoError(payload)
-            info, clips, offset = VideoInfo(**payload), [], 0
-            for plan in plans:
-                shape = (3, plan.num_frames, plan.height, plan.width)
-                pixels = np.ndarray(shape, dtype=np.float32, buffer=shm.buf, offset=offset).copy()
-                clips.append(Clip(torch.from_numpy(pixels), info, plan))
-                offset += plan.nbytes
-            return clips
+            assert shm is not None
+            info = VideoInfo(**payload)
+            return [Clip(view.clone(), info, plan) for plan, view in zip(plans, _views(shm, plans, uint8))]
         finally:
-            shm.close()
-            shm.unlink()
+            if shm is not None:
+                _free(shm)
 
     def _receive(self, deadline: float) -> tuple[str, Any]:
         assert self.conn is not None

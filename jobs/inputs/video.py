@@ -32,7 +32,18 @@ from torch import Tensor
 from jobs.inputs.sampling import ClipPlan, ClipRequest, ResizeMode, Source, VideoError, plan_clips
 from vae.errors import describe_error
 
-__all__ = ["Clip", "DecodeLimits", "VideoError", "VideoFile", "VideoInfo", "read_clip", "read_clips", "read_frames"]
+__all__ = [
+    "Clip",
+    "DecodeLimits",
+    "FrameSizeChanged",
+    "VideoError",
+    "VideoFile",
+    "VideoInfo",
+    "read_clip",
+    "read_clips",
+    "read_frames",
+    "signed_unit",
+]
 
 
 @dataclass(frozen=True)
@@ -52,9 +63,25 @@ class VideoInfo:
 
 @dataclass
 class Clip:
-    pixels: Tensor  # C T H W float32 in [-1, 1]
+    # C T H W: float32 in [-1, 1]; or, from the decoding processes where no frame needed a float
+    # resize, uint8 in [0, 255] (a quarter of the bytes), brought to [-1, 1] by `signed_unit`
+    pixels: Tensor
     info: VideoInfo
     plan: ClipPlan
+
+
+def signed_unit(pixels: Tensor) -> Tensor:
+    """uint8 pixels as float32 in [-1, 1] (float pixels are returned as they are): the same
+    operations, in the same order, as the float path of `VideoFile.decode`, so the values are
+    bit for bit the ones it gives, on any device."""
+    if pixels.dtype != torch.uint8:
+        return pixels
+    return pixels.float().div_(255.0).mul_(2.0).sub_(1.0)
+
+
+class FrameSizeChanged(VideoError):
+    """A frame of a clip planned as whole pixels (uint8) needs a resize after all: its size differs
+    from the first frame's. The clip is decoded again in float32."""
 
 
 @dataclass(frozen=True)
@@ -262,22 +289,46 @@ class VideoFile:
         """The clips `request` cuts out of this sample (see `jobs.inputs.sampling.plan_clips`)."""
         return plan_clips(self.source, request, key)
 
+    def whole_pixels(self, plan: ClipPlan, resize: ResizeMode = "exact") -> bool:
+        """Whether the clip's pixels are whole numbers before their scaling to [-1, 1], so that
+        they can travel as uint8: always after FFmpeg's scaler ("decoder"); with the "exact"
+        resize only where the frames need none (their size already covers the clip's exactly)."""
+        if resize == "decoder":
+            return True
+        h, w = self.info.height, self.info.width
+        return cover_size(h, w, plan.height, plan.width) == (h, w)
+
     def decode(self, plan: ClipPlan, out: Tensor | None = None, resize: ResizeMode = "exact") -> Tensor:
-        """The clip's pixels, C T H W float32 in [-1, 1] (written into `out` when given).
+        """The clip's pixels, C T H W float32 in [-1, 1] (written into `out` when given); into a
+        uint8 `out`, the same pixels as uint8 in [0, 255] (`signed_unit` makes them the float ones),
+        which only a clip of `whole_pixels` can give.
 
         `resize` "exact" converts each frame to float at its full size and resizes it as Open-Sora
         does (12 bytes per source pixel, briefly); "decoder" has FFmpeg's scaler bring it to the
         cover size in uint8 first (memory bounded by the clip; bilinear, but not the same numbers).
+
+        Raises:
+            FrameSizeChanged: Into uint8, a frame that needs a float resize (one whose size
+                differs from the first frame's).
         """
         if out is None:
             out = torch.empty(3, plan.num_frames, plan.height, plan.width)
+        whole = out.dtype == torch.uint8
         for i, frame in enumerate(self._frames(plan.frames)):
             if resize == "decoder":
-                out[:, i] = _scaled_by_decoder(frame, plan.height, plan.width)
+                pixels = _scaled_by_decoder(frame, plan.height, plan.width)
+                out[:, i] = pixels if whole else pixels.float().div_(255.0)
+                continue
+            rgb = torch.from_numpy(np.ascontiguousarray(_displayed(frame))).permute(2, 0, 1)
+            if not whole:
+                out[:, i] = resize_crop(rgb[None], plan.height, plan.width)[0]
+            elif cover_size(*rgb.shape[1:], plan.height, plan.width) == tuple(rgb.shape[1:]):
+                out[:, i] = center_crop(rgb, plan.height, plan.width)
             else:
-                rgb = torch.from_numpy(np.ascontiguousarray(_displayed(frame)))
-                out[:, i] = resize_crop(rgb.permute(2, 0, 1)[None], plan.height, plan.width)[0]
-        return out.mul_(2.0).sub_(1.0)
+                raise FrameSizeChanged(
+                    f"frame of {rgb.shape[2]}x{rgb.shape[1]} in a clip planned at {self.info.width}x{self.info.height}"
+                )
+        return out if whole else out.mul_(2.0).sub_(1.0)
 
     def _frames(self, wanted: tuple[int, ...]) -> Iterator[av.VideoFrame]:
         """The frames on display at grid frames `wanted` (ascending), one per index."""
@@ -357,7 +408,7 @@ def _raise_on_damage(log: list[tuple[int, str, str]], doing: str) -> None:
 
 def _scaled_by_decoder(frame: av.VideoFrame, height: int, width: int) -> Tensor:
     """FFmpeg's bilinear scaler to the size that covers `height x width` (as displayed), then the
-    display rotation and the centre crop: float32 C H W in [0, 1]."""
+    display rotation and the centre crop: uint8 C H W."""
     turns = round(frame.rotation / 90) % 4
     shown = (frame.width, frame.height) if turns % 2 else (frame.height, frame.width)  # displayed H, W
     cover_h, cover_w = cover_size(shown[0], shown[1], height, width)
@@ -367,7 +418,7 @@ def _scaled_by_decoder(frame: av.VideoFrame, height: int, width: int) -> Tensor:
         rgb = np.rot90(rgb, k=turns)
     top, left = (cover_h - height) // 2, (cover_w - width) // 2
     crop = np.ascontiguousarray(rgb[top : top + height, left : left + width])
-    return torch.from_numpy(crop).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(crop).permute(2, 0, 1)
 
 
 def _displayed(frame: av.VideoFrame) -> np.ndarray:
@@ -427,5 +478,11 @@ def resize_crop(frames: Tensor, height: int, width: int) -> Tensor:
     size = cover_size(h, w, height, width)
     if size != (h, w):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return center_crop(x, height, width)
+
+
+def center_crop(x: Tensor, height: int, width: int) -> Tensor:
+    """The centre `height x width` of `... H W` (Open-Sora's rounding: the extra row or column
+    goes to the bottom or right)."""
+    top, left = (x.shape[-2] - height) // 2, (x.shape[-1] - width) // 2
     return x[..., top : top + height, left : left + width]

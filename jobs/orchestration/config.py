@@ -121,6 +121,13 @@ class RunConfig:
     # On a GPU, batches are stacked into page-locked host memory, so that their copy to the GPU is
     # a DMA that needs no staging copy of its own (the bytes are the same either way)
     pin_memory: bool = True
+    # Clips whose pixels are whole numbers (`video.resize: decoder`, or frames that need no resize)
+    # leave the decoding processes as uint8 and become [-1, 1] floats on the encoder's device: a
+    # quarter of the bytes through shared memory, host RAM and the copy to the GPU (the same bits)
+    uint8_frames: bool = True
+    # `torch.compile` of the VAE's encoder: faster after a compile per input shape (a bucket's batch);
+    # the latents' last bits move, so it is part of the fingerprint
+    compile: bool = False
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
     scale_interval_s: float = 30.0  # with workers 0: how often the pool looks for new nodes to start actors on

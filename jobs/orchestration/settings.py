@@ -159,13 +159,15 @@ def make_plan(config: JobConfig, shards: list[Shard], has_gpus: bool, allow_shel
         "video": dataclasses.asdict(config.video),
         "latents": dataclasses.asdict(config.latents),
         # How the numbers are computed changes their last bits (about 1e-6): the device kind, the clips
-        # per encoder call, the weights' layout and, on CPU, the threads of each actor. (So may
-        # another GPU model or another PyTorch; those are not pinned, or no cluster could mix them.)
+        # per encoder call, the weights' layout, compiled kernels and, on CPU, the threads of each
+        # actor. (So may another GPU model or another PyTorch; those are not pinned, or no cluster
+        # could mix them.)
         "compute": {
             "device": "cuda" if has_gpus else "cpu",
             "batch_size": config.run.batch_size,
             "cpu_threads": None if has_gpus else config.run.cpus_per_worker,
             "channels_last": config.run.channels_last,
+            "compile": config.run.compile,
         },
     }
     settings = json.loads(json.dumps(settings))  # as job.json will hold it (tuples -> lists)

@@ -24,12 +24,13 @@ from jobs.dataset.writer import ShardWriter
 from jobs.inputs.decode_pool import ClipSpec, DecodePool, DecodeUnavailable
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
-from jobs.inputs.video import Clip, DecodeLimits, VideoError
+from jobs.inputs.video import Clip, DecodeLimits, VideoError, signed_unit
 from jobs.orchestration.config import JobConfig
 from jobs.orchestration.settings import clip_request
 from vae import (
     channels_last,
     channels_last_input,
+    compile_encoder,
     describe_error,
     encode_video,
     get_preset,
@@ -129,6 +130,8 @@ class ShardEncoder:
         )
         if config.run.channels_last:
             channels_last(self.model)
+        if config.run.compile:
+            compile_encoder(self.model)
         self.tiling = config.tiling()
         limits = config.limits
         self.request = clip_request(config, self.preset)
@@ -140,6 +143,7 @@ class ShardEncoder:
                 timeout=limits.decode_timeout_s,  # the decoder's own check, after every frame
                 threads=max(1, config.run.cpus_per_worker // config.run.decode_threads),  # the actor's CPUs, shared
             ),
+            uint8=config.run.uint8_frames,
         )
         # The most a sample's clips may hold (the decode window's byte budget counts it).
         sizes = (
@@ -309,11 +313,21 @@ class ShardEncoder:
             self._pinned = torch.empty(shape, dtype=pixels[0].dtype, pin_memory=True)
         return torch.stack(pixels, out=self._pinned)
 
+    def _device_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """The clips as one `B C T H W` batch in [-1, 1] on the device, in the model's dtype. uint8
+        clips cross to the device as they are and become floats there (`signed_unit`: the bits of
+        the float path); a batch that mixes uint8 and float clips is made float on the host."""
+        if len({p.dtype for p in pixels}) > 1:
+            pixels = [signed_unit(p) for p in pixels]
+        x = self._host_batch(pixels)
+        if x.dtype != torch.uint8:
+            return x.to(self.device, self.dtype, non_blocking=True)
+        return signed_unit(x.to(self.device, non_blocking=True)).to(self.dtype)
+
     @torch.inference_mode()
     def _run_model(self, items: list[_Decoded]) -> list[dict[str, torch.Tensor]]:
         assert all(item.clip is not None for item in items)
-        x = self._host_batch([item.clip.pixels for item in items])  # type: ignore[union-attr]
-        x = x.to(self.device, self.dtype, non_blocking=True)
+        x = self._device_batch([item.clip.pixels for item in items])  # type: ignore[union-attr]
         if self.config.run.channels_last:
             x = channels_last_input(self.preset, x)
         seed = self.config.vae.seed
