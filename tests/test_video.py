@@ -122,3 +122,28 @@ def test_frames_over_the_pixel_limit_and_slow_decodes_are_refused(frames):
     assert read_clip(data, num_frames=4, height=32, width=32, max_pixels=96 * 64).pixels.shape[1] == 4
     with pytest.raises(VideoError, match=r"decoding took over 1e-09 s \(1 frames; limits.decode_timeout_s\)"):
         read_clip(data, num_frames=20, height=32, width=32, timeout=1e-9)
+
+
+DECODE_MANY = """
+import sys
+from jobs.demo_data import demo_sample
+from jobs.inputs.sampling import ClipRequest
+from jobs.inputs.video import DecodeLimits, read_clips
+videos = [demo_sample(0, i)["mp4"] for i in range(32)]
+for resize in ("exact", "decoder") * 6:
+    for video in videos:
+        read_clips(video, ClipRequest(8, 64, 64, resize=resize), limits=DecodeLimits(threads=2))
+print("done")
+"""
+
+
+@pytest.mark.slow
+def test_frame_threaded_decoding_never_hangs_when_a_clip_ends_early():
+    """With FFmpeg's frame threads, freeing a codec whose threads still decode (a clip ends before
+    the video does) while PyAV's log callback is in place hung within a few hundred clips: the
+    free holds the GIL and joins a thread that waits for the GIL to log (PyAV-Org/PyAV#751)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", DECODE_MANY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.split() == ["done"], result.stderr[-2000:]

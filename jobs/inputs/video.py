@@ -186,7 +186,7 @@ class VideoFile:
             if size is None:
                 raise VideoError(f"cannot open image ({len(data)} bytes): no size in its header")
             self._check_size(*size)
-        with _ffmpeg_log() as log, self._open() as container:
+        with _ffmpeg_log() as log, self._opened() as container:
             stream = container.streams.video[0]
             self.time_base = float(stream.time_base or 0)
             times, first = self._scan(container, stream)
@@ -220,6 +220,16 @@ class VideoFile:
         width, height = (first.height, first.width) if rotation % 180 else (first.width, first.height)
         self.info = VideoInfo(width, height, rate, grid, duration, codec, rotation, len(times), claimed)
         self.source = Source(width=width, height=height, num_frames=grid, fps=rate)
+
+    @contextmanager
+    def _opened(self) -> Iterator[av.container.InputContainer]:
+        """The container, freed on the way out only once its decoder's frame threads are idle."""
+        container = self._open()
+        try:
+            yield container
+        finally:
+            _drain(container.streams.video[0])
+            container.close()
 
     def _open(self) -> av.container.InputContainer:
         assert self.format is not None
@@ -339,7 +349,7 @@ class VideoFile:
             return self.t0 + (i + TIMESTAMP_SLACK) * period
 
         decoded, j, previous = 0, 0, None
-        with _ffmpeg_log() as log, self._open() as container:
+        with _ffmpeg_log() as log, self._opened() as container:
             stream = container.streams.video[0]
             if timed and wanted[0] > 0 and self.time_base > 0:
                 target = self.t0 + wanted[0] * period
@@ -398,6 +408,20 @@ def _ffmpeg_log() -> Iterator[list[tuple[int, str, str]]]:
             yield log
     finally:
         av.logging.set_level(old)
+
+
+def _drain(stream: av.video.stream.VideoStream) -> None:
+    """Takes what FFmpeg's frame threads still decode before their codec is freed. Freeing it joins
+    them while it holds the GIL, and a thread that logs a warning meanwhile waits in PyAV's log
+    callback for the GIL: the two would wait for ever (PyAV-Org/PyAV#751, #909). Draining releases
+    the GIL while the threads finish."""
+    if stream.codec_context.thread_count == 1:
+        return  # no frame threads
+    try:
+        for _ in stream.codec_context.decode(None):
+            pass
+    except (av.FFmpegError, ValueError):
+        pass  # what it says was said while decoding; the frames are not needed
 
 
 def _raise_on_damage(log: list[tuple[int, str, str]], doing: str) -> None:
