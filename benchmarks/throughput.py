@@ -21,8 +21,8 @@ Measures, on the same clips, VAE and cores:
 
 Prints one JSON line per measurement and a table with the ratios the targets are stated in.
 With `--readme FILE`, the results table between the `<!-- throughput:begin -->` and
-`<!-- throughput:end -->` lines of FILE is replaced by this run's (hardware, settings, the
-command, each figure beside the bound it is measured against).
+`<!-- throughput:end -->` lines of FILE (`--block NAME`: another) is replaced by this run's
+(hardware, settings, the command, each figure beside the bound it is measured against).
 """
 
 from __future__ import annotations
@@ -278,6 +278,7 @@ def main() -> None:
     )
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak (H100/H200 SXM bf16: 989), for MFU")
     parser.add_argument("--readme", type=Path, help="rewrite the results table of this Markdown file")
+    parser.add_argument("--block", default="throughput", help="which table of --readme (<!-- BLOCK:begin -->)")
     args = parser.parse_args()
     if args.techniques is None:
         args.techniques = DEFAULT_TECHNIQUES[args.device]
@@ -324,7 +325,7 @@ def main() -> None:
     if args.readme:
         figures = {"bound": bound, "job": job, "job_with_startup": job_with_startup, "startup": startup}
         figures["videos"], figures["per_shard"] = len(videos), len(videos) // len(shards)
-        replace_block(args.readme, "throughput", results_table(results, rate, figures, args))
+        replace_block(args.readme, args.block, results_table(results, rate, figures, args))
         print(f"rewrote the results table of {args.readme}")
 
 
