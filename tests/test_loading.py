@@ -84,3 +84,19 @@ def test_pickle_files_are_refused_unread(tmp_path):
         load_vae("flux-ae-tiny", fake)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_vae("flux-ae-tiny", tmp_path / "missing.safetensors")
+
+
+def test_tensors_are_converted_one_at_a_time_as_they_are_read(weights, tmp_path):
+    """Each float tensor reaches the model's dtype as it is read (no whole float32 copy beside the
+    bfloat16 one on the device); other tensors keep theirs. The conversion is the same as a
+    whole-dict one."""
+    from vae.checkpoint import read_state_dict
+
+    path, model = weights
+    mixed = tmp_path / "mixed.safetensors"
+    save_file({"w": torch.rand(3, 4), "steps": torch.tensor([7], dtype=torch.int64)}, mixed)
+    state = read_state_dict(mixed, dtype=torch.bfloat16)
+    assert state["w"].dtype == torch.bfloat16 and state["steps"].dtype == torch.int64
+    half = load_vae("flux-ae-tiny", path, dtype=torch.bfloat16)
+    for name, tensor in half.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name].to(torch.bfloat16)), name

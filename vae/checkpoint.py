@@ -43,14 +43,22 @@ def read_state_dict(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     prefixes: Iterable[str] = (),
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Reads a safetensors file, stripping the given prefixes from every key (see `strip_prefixes`)."""
+    """Reads a safetensors file, stripping the given prefixes from every key (see `strip_prefixes`).
+
+    With `dtype`, each floating-point tensor is converted as it is read, so that the device never
+    holds the whole file in its own dtype beside the converted copy (a float32 checkpoint loaded in
+    bfloat16 peaks at the bfloat16 model plus one float32 tensor)."""
     path = checked_path(path)
     state: dict[str, torch.Tensor] = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                state[_unique(strip_prefixes(key, prefixes), key, state, path)] = f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                state[_unique(strip_prefixes(key, prefixes), key, state, path)] = tensor
     except SafetensorError as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
     return state

@@ -32,11 +32,10 @@ def load_native(
             model = preset.build()
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
-    state = read_state_dict(checkpoint, device=device, prefixes=preset.key_prefixes)
+    state = read_state_dict(checkpoint, device=device, prefixes=preset.key_prefixes, dtype=dtype)
     with torch.device("meta"):
         model = preset.build()
     check_keys(model, {k: tuple(v.shape) for k, v in state.items()}, preset.name, checkpoint)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # a non-persistent buffer the model forgot to create on the real device
