@@ -151,7 +151,8 @@ TECHNIQUES = {
     "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
     "compile": ("job, compiled encoder", {"compile": True}),
 }
-DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "float-frames", "batch-1"]}
+# (`float-frames` only where clips are whole pixels: `--resize decoder`, or sources at the clip's size)
+DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "batch-1", "one-process"]}
 
 
 def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -57,6 +57,18 @@ def small_config(inputs: list[str], output: str | Path, **sections: dict) -> Job
     return config
 
 
+def in_process_encoder(config: JobConfig):  # -> (ShardEncoder, Plan)
+    """The job's plan for `config`, its output prepared, and the `ShardEncoder` an actor would hold,
+    in this process (no Ray): for tests that look inside the encoder."""
+    from jobs.orchestration.driver import prepare_output
+    from jobs.orchestration.settings import check_config, make_plan
+    from jobs.orchestration.worker import ShardEncoder
+
+    plan = make_plan(config, check_config(config), has_gpus=False)
+    prepare_output(plan)
+    return ShardEncoder(plan.config, str(plan.root), plan.constants), plan
+
+
 def kill_session(sid: int) -> None:
     """SIGKILLs every process of a session: the driver, the Ray daemons and the actors."""
     for _ in range(50):

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import in_process_encoder, small_config
 
 from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import write_demo_dataset
-from jobs.orchestration.driver import prepare_output
-from jobs.orchestration.settings import check_config, make_plan
-from jobs.orchestration.worker import ShardEncoder
 from vae import channels_last, channels_last_input, encode_video, get_preset, load_vae
 
 
@@ -41,9 +38,7 @@ def test_the_job_runs_a_channels_last_model_on_channels_last_input(tmp_path):
     for on in (False, True):
         config = small_config(shards, tmp_path / f"out-{on}", run={"channels_last": on})
         config.vae.name, config.video.num_frames = "hunyuan-vae-tiny", 9
-        plan = make_plan(config, check_config(config), has_gpus=False)
-        prepare_output(plan)
-        encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
+        encoder, plan = in_process_encoder(config)
         inputs: list[bool] = []
 
         def note_layout(module: torch.nn.Module, args: tuple, seen: list[bool] = inputs) -> None:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import in_process_encoder, small_config
 from torch._dynamo.utils import counters
 
 from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import write_demo_dataset
-from jobs.orchestration.driver import prepare_output
-from jobs.orchestration.settings import check_config, make_plan
-from jobs.orchestration.worker import ShardEncoder
 from vae import compile_encoder
 
 
@@ -28,9 +25,7 @@ def test_the_job_encodes_with_the_compiled_encoder(tmp_path):
     outputs, fingerprints = [], []
     for on in (False, True):
         config = small_config(shards, tmp_path / f"out-{on}", run={"compile": on})
-        plan = make_plan(config, check_config(config), has_gpus=False)
-        prepare_output(plan)
-        encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
+        encoder, plan = in_process_encoder(config)
         counters.clear()
         try:
             list(encoder.encode_shard(plan.shards[0]))

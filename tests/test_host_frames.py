@@ -10,16 +10,13 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import small_config
+from conftest import in_process_encoder, small_config
 
 from jobs.dataset.reader import load_sample, read_metadata
 from jobs.demo_data import synth_video, video_file_bytes, write_shard
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
 from jobs.inputs.sampling import ClipRequest
 from jobs.inputs.video import read_clips, signed_unit
-from jobs.orchestration.driver import prepare_output
-from jobs.orchestration.settings import check_config, make_plan
-from jobs.orchestration.worker import ShardEncoder
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +88,7 @@ def test_the_job_stores_the_same_latents_from_uint8_and_float_frames(tmp_path):
     outputs, fingerprints = [], []
     for on in (True, False):
         config = small_config([shard], tmp_path / f"out-{on}", run={"uint8_frames": on})
-        plan = make_plan(config, check_config(config), has_gpus=False)
-        prepare_output(plan)
-        encoder = ShardEncoder(plan.config, str(plan.root), plan.constants)
+        encoder, plan = in_process_encoder(config)
         batches: list[list[torch.dtype]] = []
 
         def note_dtypes(pixels: list[torch.Tensor], seen: list = batches, stack=encoder._host_batch) -> torch.Tensor:
