@@ -74,12 +74,13 @@ test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The CPU benchmarks (figures, not pass/fail): throughput against its bound and baselines, the encoder
-# per technique, decode memory.
+# per technique, decode memory, load memory.
 bench: install
 	$(PIP) install --quiet pandas  # for the Ray Data baseline
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/encoder.py
 	$(PY) benchmarks/decode_memory.py
+	$(PY) benchmarks/load_memory.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

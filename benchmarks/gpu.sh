@@ -22,5 +22,7 @@ $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --si
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 720 --clips 16 \
     --batch 1 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
     --resize decoder --techniques float-frames pageable
+# loading a float32 checkpoint in bf16: per tensor (the job's), the whole file then converted, host copy first
+$PY benchmarks/load_memory.py --device cuda
 # memory and accuracy of tiled and chunked encodes, per plan (129 frames at 720p: the exact-chunks rows above)
 $PY benchmarks/vae_memory.py --device cuda

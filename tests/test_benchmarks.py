@@ -57,3 +57,14 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     text = readme.read_text()
     assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
     assert "`video.resize: decoder`" in text and "| job, float32 host frames |" in text
+
+
+def test_the_load_benchmark_shows_no_float32_copy_in_host_memory_when_loading_in_bf16():
+    rows = _run("benchmarks/load_memory.py", "--presets", "flux-ae", "--ways", "per tensor", "host copy")
+    per_tensor, host_copy = rows
+    file_mib = per_tensor["checkpoint_mib"]
+    assert per_tensor["model_mib"] == pytest.approx(file_mib / 2, rel=0.01)  # the model is bf16
+    # The job's loader adds the bf16 model to the process's own memory, and no float32 copy: the file's
+    # pages stay the page cache's. A loader that reads the file into RAM first holds it whole.
+    assert per_tensor["host_anon_peak_mib"] < 0.7 * file_mib
+    assert host_copy["host_anon_peak_mib"] > file_mib

@@ -33,9 +33,15 @@ def load_native(
         return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     state = read_state_dict(checkpoint, device=device, prefixes=preset.key_prefixes, dtype=dtype)
+    return build_with(preset, state, checkpoint)
+
+
+def build_with(preset: VAEPreset, state: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> nn.Module:
+    """The preset's model built on the meta device and given `state`'s tensors as they are (their
+    device and dtype), in eval mode with gradients off; `source` names the weights in errors."""
     with torch.device("meta"):
         model = preset.build()
-    check_keys(model, {k: tuple(v.shape) for k, v in state.items()}, preset.name, checkpoint)
+    check_keys(model, {k: tuple(v.shape) for k, v in state.items()}, preset.name, source)
     model.load_state_dict(state, strict=True, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:  # a non-persistent buffer the model forgot to create on the real device
