@@ -13,7 +13,8 @@ Measures, on the same clips, VAE and cores:
 - the bound they set when each clip is decoded and then encoded: 1 / (1/decode + 1/encode);
 - end to end: the real job (`jobs.orchestration.driver.run`) on an embedded Ray cluster, Ray's
   start-up timed apart; then again with each technique of `--techniques` turned off (`compile`
-  turned on): pinned host memory, uint8 host frames, batches of a bucket, parallel decoding;
+  turned on): pinned host memory, uint8 host frames, batches of a bucket, parallel decoding,
+  decoding the next shard's first samples while a shard finishes;
 - baseline "loop": one process decoding, encoding and saving each clip as a trainer's caching
   script does;
 - baseline "ray-data": Ray Data's `read_webdataset` -> decode -> `map_batches` with VAE actors ->
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -149,22 +151,28 @@ TECHNIQUES = {
     "float-frames": ("job, float32 host frames", {"uint8_frames": False}),
     "batch-1": ("job, batch 1", {"batch_size": 1}),
     "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
+    "no-read-ahead": ("job, no read-ahead across shards", {"read_ahead": False}),
     "compile": ("job, compiled encoder", {"compile": True}),
 }
 # (`float-frames` only where clips are whole pixels: `--resize decoder`, or sources at the clip's size)
 DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "batch-1", "one-process"]}
 
 
-def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The job on an embedded Ray cluster; then once more per technique of `--techniques`, with
-    that technique turned off (`compile`: on), the rest as they were."""
+def start_ray() -> dict[str, Any]:
+    """An embedded Ray cluster, as the job starts one; its start-up timed."""
     import ray
-
-    from jobs.orchestration.driver import run
 
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    results: list[dict[str, Any]] = [{"name": "ray start-up", "frames": 0, "seconds": time.perf_counter() - started}]
+    return {"name": "ray start-up", "frames": 0, "seconds": time.perf_counter() - started}
+
+
+def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The job on the running Ray cluster; then once more per technique of `--techniques`, with
+    that technique turned off (`compile`: on), the rest as they were."""
+    from jobs.orchestration.driver import run
+
+    results: list[dict[str, Any]] = []
     runs = [("job, end to end", {})] + [TECHNIQUES[t] for t in args.techniques]
     for name, settings in runs:
         config = job_config(shards, out / name.replace(" ", "-").replace(",", ""), args)
@@ -172,7 +180,10 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
         started = time.perf_counter()
         summary = run(config)
         seconds = time.perf_counter() - started
-        results.append({"name": name, "frames": summary.frames, "seconds": seconds, "clips": summary.ok})
+        waited = sum(a["decode_wait_s"] for a in summary.actors.values())  # the model idle, waiting for frames
+        results.append(
+            {"name": name, "frames": summary.frames, "seconds": seconds, "clips": summary.ok, "decode_wait_s": waited}
+        )
     return results
 
 
@@ -231,6 +242,7 @@ def ray_data_baseline(
     except ImportError:
         return None
     import ray
+    import ray.data
 
     def decode(row: dict[str, Any]) -> dict[str, Any]:
         (clip,) = read_clips(row["mp4"], request, row["__key__"])
@@ -278,91 +290,149 @@ def main() -> None:
         + " ".join(DEFAULT_TECHNIQUES["cuda"]),
     )
     parser.add_argument("--peak-tflops", type=float, help="the chip's dense peak (H100/H200 SXM bf16: 989), for MFU")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="every measurement this many times, interleaved; medians are reported"
+    )
     parser.add_argument("--readme", type=Path, help="rewrite the results table of this Markdown file")
     parser.add_argument("--block", default="throughput", help="which table of --readme (<!-- BLOCK:begin -->)")
     args = parser.parse_args()
     if args.techniques is None:
         args.techniques = DEFAULT_TECHNIQUES[args.device]
     request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size, resize=args.resize)
-    results: list[dict[str, Any]] = []
+    rounds: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         count = max(1, -(-args.clips // args.per_shard))  # shards of at most --per-shard videos
         shards = write_demo_dataset(root / "data", shards=count, samples_per_shard=args.clips // count, seed=0)
         videos = load_videos(shards)
-        results += decode_only(videos, request, args.decode_processes)
-        results.append(encode_only(args.preset, request, args.batch, len(videos), args.device, args.peak_tflops))
-        results.append(loop_baseline(videos, request, args, root / "loop"))
-        results += end_to_end(shards, root / "job", args)
-        data = ray_data_baseline(shards, len(videos), request, args, root / "ray-data")
-        if data is not None:
-            results.append(data)
-    for r in results:
-        r["frames_per_s"] = round(r["frames"] / r["seconds"], 2) if r["frames"] else None
-        r["videos_per_s"] = round(r["frames_per_s"] / args.frames, 2) if r["frames"] else None  # one clip each
-        r["seconds"] = round(r["seconds"], 3)
-        print(
-            json.dumps({**r, "preset": args.preset, "device": args.device, "clip": [args.frames, args.size, args.size]})
-        )
-    rate = {r["name"]: r["frames_per_s"] for r in results}
-    decode = rate[f"decode, {args.decode_processes} processes"]
-    encode = rate[f"encode, batch {args.batch}"]
-    bound = 1 / (1 / decode + 1 / encode)
-    job = rate["job, end to end"]
-    startup = next(r["seconds"] for r in results if r["name"] == "ray start-up")
-    job_seconds = next(r["seconds"] for r in results if r["name"] == "job, end to end")
-    job_with_startup = next(r["frames"] for r in results if r["name"] == "job, end to end") / (job_seconds + startup)
-    print(f"\n{'measurement':<34} {'frames':>7} {'seconds':>8} {'frames/s':>9} {'videos/s':>9}")
+        for number in range(args.rounds):
+            rows = one_round(shards, videos, request, args, root / f"round-{number}")
+            for r in rows:
+                r["frames_per_s"] = round(r["frames"] / r["seconds"], 2) if r["frames"] else None
+                r["videos_per_s"] = round(r["frames_per_s"] / args.frames, 2) if r["frames"] else None  # one clip each
+                r["seconds"] = round(r["seconds"], 3)
+                clip = [args.frames, args.size, args.size]
+                print(json.dumps({**r, "round": number, "preset": args.preset, "device": args.device, "clip": clip}))
+            rounds.append(rows)
+    results = [median_row([rows[i] for rows in rounds]) for i in range(len(rounds[0]))]
+    each = [ratios(rows, args) for rows in rounds]
+    figures = {k: statistics.median(f[k] for f in each) for k in each[0]}
+    spread = {k: (min(f[k] for f in each), max(f[k] for f in each)) for k in each[0]}
+    figures["videos"], figures["per_shard"] = len(videos), len(videos) // len(shards)
+    what = f"median of {args.rounds} rounds" if args.rounds > 1 else "one round"
+    print(f"\n{'measurement (' + what + ')':<40} {'frames':>7} {'seconds':>8} {'frames/s':>9} {'videos/s':>9}")
     for r in results:
         rates = f"{r['frames_per_s'] or '':>9} {r['videos_per_s'] or '':>9}"
-        print(f"{r['name']:<34} {r['frames']:>7} {r['seconds']:>8} {rates}")
-    print(f"\nbound 1/(1/decode + 1/encode): {bound:.1f} frames/s; job / bound = {job / bound:.2f}")
-    loop = rate["baseline: single-process loop"]
-    print(f"job (Ray start-up included) / single-process loop = {job_with_startup / loop:.2f}")
-    if "baseline: Ray Data" in rate:
-        print(f"job / Ray Data = {job / rate['baseline: Ray Data']:.2f}")
+        waited = f"   the model waited {r['decode_wait_s']:.2f} s for decoding" if "decode_wait_s" in r else ""
+        print(f"{r['name']:<40} {r['frames']:>7} {r['seconds']:>8} {rates}{waited}")
+
+    def said(key: str) -> str:
+        low, high = spread[key]
+        return f"{figures[key]:.2f}" + (f" (rounds: {low:.2f} to {high:.2f})" if args.rounds > 1 else "")
+
+    print(f"\nbound 1/(1/decode + 1/encode): {figures['bound']:.1f} frames/s; job / bound = {said('job/bound')}")
+    print(f"job (Ray start-up included) / single-process loop = {said('job+startup/loop')}")
+    if "job/ray-data" in figures:
+        print(f"job / Ray Data = {said('job/ray-data')}")
     else:
         print("Ray Data baseline skipped (pip install pandas)")
     if args.readme:
-        figures = {"bound": bound, "job": job, "job_with_startup": job_with_startup, "startup": startup}
-        figures["videos"], figures["per_shard"] = len(videos), len(videos) // len(shards)
-        replace_block(args.readme, args.block, results_table(results, rate, figures, args))
+        replace_block(args.readme, args.block, results_table(results, figures, spread, args))
         print(f"rewrote the results table of {args.readme}")
 
 
+def one_round(
+    shards: list[Path], videos: list[tuple[str, bytes]], request: ClipRequest, args: argparse.Namespace, out: Path
+) -> list[dict[str, Any]]:
+    """Every measurement once, one after another (rounds interleave them, so that a machine whose
+    speed drifts, as a shared one does, slows each measurement alike instead of one of them)."""
+    import ray
+
+    rows = decode_only(videos, request, args.decode_processes)
+    rows.append(encode_only(args.preset, request, args.batch, len(videos), args.device, args.peak_tflops))
+    rows.append(loop_baseline(videos, request, args, out / "loop"))
+    rows.append(start_ray())
+    try:
+        rows += end_to_end(shards, out / "job", args)
+        data = ray_data_baseline(shards, len(videos), request, args, out / "ray-data")
+        if data is not None:
+            rows.append(data)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One measurement over the rounds: its median seconds and rates."""
+    out = dict(rows[0])
+    for key in ("seconds", "frames_per_s", "videos_per_s", "decode_wait_s"):
+        if rows[0].get(key) is not None:
+            out[key] = round(statistics.median(r[key] for r in rows), 3 if key == "seconds" else 2)
+    return out
+
+
+def ratios(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
+    """A round's figures that the targets are stated in."""
+    rate = {r["name"]: r["frames_per_s"] for r in rows}
+    by_name = {r["name"]: r for r in rows}
+    bound = 1 / (1 / rate[f"decode, {args.decode_processes} processes"] + 1 / rate[f"encode, batch {args.batch}"])
+    job = by_name["job, end to end"]
+    with_startup = job["frames"] / (job["seconds"] + by_name["ray start-up"]["seconds"])
+    out = {
+        "bound": bound,
+        "job/bound": rate["job, end to end"] / bound,
+        "job+startup/loop": with_startup / rate["baseline: single-process loop"],
+    }
+    if "baseline: Ray Data" in rate:
+        out["job/ray-data"] = rate["job, end to end"] / rate["baseline: Ray Data"]
+    for name, _ in TECHNIQUES.values():
+        if name in rate:
+            out[f"job/{name}"] = rate["job, end to end"] / rate[name]
+    return out
+
+
 def results_table(
-    results: list[dict[str, Any]], rate: dict[str, float], figures: dict[str, float], args: argparse.Namespace
+    results: list[dict[str, Any]],
+    figures: dict[str, float],
+    spread: dict[str, tuple[float, float]],
+    args: argparse.Namespace,
 ) -> list[str]:
-    """The README's block: what ran where, each figure, and its ratio to what it is measured against."""
-    bound, job = figures["bound"], figures["job"]
-    loop = rate["baseline: single-process loop"]
-    data = rate.get("baseline: Ray Data")
+    """The README's block: what ran where, each figure, and its ratio to what it is measured against
+    (with several rounds: medians, and each ratio's lowest and highest round)."""
+    bound = figures["bound"]
     command = shlex.join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
+    rounds = f"the median of {args.rounds} rounds, each measurement once per round" if args.rounds > 1 else "one round"
     lines = [
         f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
         f"{figures['videos']} videos of mixed sizes and lengths ({VIDEOS}), one "
         f"{args.frames}x{args.size}x{args.size} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
         f"{args.decode_processes} decoding processes, `video.resize: {args.resize}`, {args.workers} encoder "
-        f"actor(s) of {args.cpus_per_worker} "
-        f"threads. Command: `{command}` "
+        f"actor(s) of {args.cpus_per_worker} threads; {rounds}. Command: `{command}` "
         f"({time.strftime('%Y-%m-%d')}).",
         "",
         "| measurement | frames | seconds | frames/s | videos/s | against |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
+
+    def ratio(key: str) -> str:
+        low, high = spread[key]
+        return f"{figures[key]:.2f}" + (f" ({low:.2f} to {high:.2f})" if args.rounds > 1 else "")
+
     against = {
-        "job, end to end": f"{job / bound:.2f} of the bound (target 0.9)",
-        "baseline: single-process loop": (
-            f"the job with Ray's start-up: {figures['job_with_startup'] / loop:.2f}x this (target 0.9)"
-        ),
-        "baseline: Ray Data": f"the job: {job / data:.2f}x this (target 1.5)" if data else "",
+        "job, end to end": f"{ratio('job/bound')} of the bound (target 0.9)",
+        "baseline: single-process loop": f"the job with Ray's start-up: {ratio('job+startup/loop')}x this (target 0.9)",
     }
+    if "job/ray-data" in figures:
+        against["baseline: Ray Data"] = f"the job: {ratio('job/ray-data')}x this (target 1.5)"
     for name, _ in TECHNIQUES.values():
-        if other := rate.get(name):
-            against[name] = f"the job: {job / other:.2f}x this"
+        if f"job/{name}" in figures:
+            against[name] = f"the job: {ratio('job/' + name)}x this"
     for r in results:
         cells = [r["name"], r["frames"], r["seconds"], r["frames_per_s"] or "", r["videos_per_s"] or ""]
-        cells.append(against.get(r["name"], ""))
+        notes = [against.get(r["name"], "")]
+        if "decode_wait_s" in r:
+            notes.append(f"its model waited {r['decode_wait_s']:.2f} s for decoding")
+        cells.append("; ".join(n for n in notes if n))
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     bound_cells = f"{bound:.1f} | {bound / args.frames:.1f} | the limit of these cores"
     lines.append(f"| bound 1/(1/decode + 1/encode) | | | {bound_cells} |")

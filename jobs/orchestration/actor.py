@@ -34,5 +34,5 @@ class EncoderActor:
     def ready(self) -> str:
         return self.encoder.ready()
 
-    def encode_shard(self, shard: Shard) -> Iterator[Progress | ShardDone]:
-        yield from self.encoder.encode_shard(shard)
+    def encode_shard(self, shard: Shard, then: Shard | None = None) -> Iterator[Progress | ShardDone]:
+        yield from self.encoder.encode_shard(shard, then)

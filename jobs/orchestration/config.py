@@ -115,6 +115,10 @@ class RunConfig:
     cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
     batch_size: int = 4  # clips per encoder call
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
+    # Each actor is handed its next shard with the one it encodes, and starts decoding the next
+    # one's first samples while it finishes and commits this one (the model does not wait for
+    # them at the shard's start); the output is the same either way
+    read_ahead: bool = True
     # Convolutions in channels-last layout: faster on most hardware (benchmarks/encoder.py); the
     # latents' last bits change (about 1e-6), so it is part of the fingerprint
     channels_last: bool = False

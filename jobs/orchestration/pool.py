@@ -232,8 +232,26 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
         return labels.setdefault(actor._actor_id, f"w{len(labels)}")
 
     run = plan.config.run
+    # With `run.read_ahead`, an actor is handed its next shard with the one it encodes (it decodes the
+    # next one's first samples ahead): actor id -> that shard, which no other actor is given while
+    # there is other work (an actor with nothing else to do takes it over).
+    ahead: dict[Any, Shard] = {}
+
+    def next_shard(actor: Any) -> Shard | None:
+        shard = ahead.pop(actor._actor_id, None)
+        if shard is None and queue:
+            shard = queue.popleft()
+        if shard is None and ahead:  # nothing left but what others read ahead: take one over
+            shard = ahead.pop(next(iter(ahead)))
+        return shard
+
+    def forget_ahead(actor: Any) -> None:
+        """An actor died: what it read ahead goes back to the front of the queue."""
+        if (shard := ahead.pop(actor._actor_id, None)) is not None:
+            queue.appendleft(shard)
+
     checked = time.monotonic()
-    while running or (queue and (idle or starting)):
+    while running or ((queue or ahead) and (idle or starting)):
         if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
             checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
             room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
@@ -242,11 +260,15 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 print(f"the cluster grew: starting {extra} more encoder actors", file=sys.stderr)
                 for actor, ref in pool.grow(extra):
                     starting[ref] = (actor, time.monotonic() + timeout)
-        while idle and queue:
-            actor, shard = idle.pop(), queue.popleft()
+        while idle and (shard := next_shard(idle[-1])) is not None:
+            actor = idle.pop()
+            # (only from shards that no idle actor is about to take)
+            then = queue.popleft() if run.read_ahead and len(queue) > len(idle) else None
+            if then is not None:
+                ahead[actor._actor_id] = then
             attempts[shard.name] += 1
             dispatched[shard.name] = time.monotonic()
-            running[actor.encode_shard.options(num_returns="streaming").remote(shard)] = (actor, shard)
+            running[actor.encode_shard.options(num_returns="streaming").remote(shard, then)] = (actor, shard)
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
         for ref in [r for r in ready if r in starting]:
             actor, _ = starting.pop(ref)
@@ -272,6 +294,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
             except (ray.exceptions.RayError, OSError) as e:
                 del running[gen]
                 if isinstance(e, ray.exceptions.RayActorError):  # the process (or its node) died
+                    forget_ahead(actor)
                     fresh = pool.replace(actor)
                     if fresh is not None:
                         starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
@@ -304,10 +327,14 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 summary.shard_seconds[shard.name] = seconds
                 summary.shard_samples[shard.name] = marker["samples"]
                 summary.bytes_written += marker["latents"]["bytes"] + marker["meta"]["bytes"]
-                stats = summary.actors.setdefault(label(actor), {"samples": 0, "shards": 0, "seconds": 0.0})
+                stats = summary.actors.setdefault(
+                    label(actor), {"samples": 0, "shards": 0, "seconds": 0.0, "decode_wait_s": 0.0, "read_ahead": 0}
+                )
                 stats["samples"] += marker["samples"]
                 stats["shards"] += 1
                 stats["seconds"] = round(stats["seconds"] + seconds, 3)
+                stats["decode_wait_s"] = round(stats["decode_wait_s"] + message.decode_wait_s, 3)
+                stats["read_ahead"] += message.read_ahead
                 summary.ok += marker["ok"]
                 summary.errors += marker["errors"]
                 summary.frames += marker["frames"]
@@ -319,8 +346,9 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                     summary.stopped = reason
                     log.warning("stopping: %s", reason)
                     queue.clear()  # the shards running now finish and commit; the rest wait for a rerun
+                    ahead.clear()
         bar.update()
-    for shard in queue:  # only when every actor died and none could replace it
+    for shard in [*queue, *ahead.values()]:  # only when every actor died and none could replace it
         summary.failed[shard.name] = "no encoder actor left (each one died or could not be placed; see the Ray logs)"
 
 

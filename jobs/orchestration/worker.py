@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -59,6 +60,8 @@ class ShardDone:
     marker: dict[str, Any]
     error_reasons: list[str] = field(default_factory=list)  # "key: reason"
     reason_kinds: Counter[str] = field(default_factory=Counter)  # reasons with their numbers elided
+    read_ahead: int = 0  # samples handed to the decoding processes before the shard's call began
+    decode_wait_s: float = 0.0  # seconds the model waited for decoding (the window's oldest sample)
 
 
 def reason_kind(reason: str) -> str:
@@ -78,6 +81,30 @@ class _Pending:
 
     def done(self) -> bool:
         return self.clip is None or self.clip.done()
+
+
+@dataclass
+class _Reading:
+    """A shard being read: its samples not yet read, and the decode window of those read."""
+
+    shard: Shard
+    samples: Iterator[RawSample]
+    damage: list[str] = field(default_factory=list)  # damage inside the tar (`read_shard`'s on_damage)
+    window: deque[_Pending] = field(default_factory=deque)  # samples being decoded, oldest first
+    seen: dict[str, int] = field(default_factory=dict)  # key -> index, to find duplicates
+    held: int = 0  # bytes the window holds: the input members, and the clips they decode to
+    failed: Exception | None = None  # reading the tar raised while it was read ahead (the shard's attempt fails)
+    read_ahead: int = 0  # samples read ahead, before the shard's own call
+
+    def discard(self) -> None:
+        """Drops what was read ahead: decodes not started are cancelled, the tar is closed."""
+        for pending in self.window:
+            if pending.clip is not None:
+                pending.clip.cancel()
+        self.window.clear()
+        close = getattr(self.samples, "close", None)
+        if close is not None:
+            close()
 
 
 @dataclass
@@ -156,31 +183,83 @@ class ShardEncoder:
         )
         self.clip_bytes = 3 * t * h * w * 4 * (self.request.max_clips if self.request.multi_clip else 1)
         self._pinned: torch.Tensor | None = None  # the page-locked batch buffer (`run.pin_memory`)
+        self._ahead: _Reading | None = None  # the shard read ahead (`then` of the last `encode_shard`)
+        self._waited = 0.0  # seconds spent waiting for decodes during the current shard
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
         return str(self.device)
 
-    def encode_shard(self, shard: Shard) -> Iterator[Progress | ShardDone]:
-        """Encodes one shard; yields progress, then a `ShardDone` once it is committed."""
+    def encode_shard(self, shard: Shard, then: Shard | None = None) -> Iterator[Progress | ShardDone]:
+        """Encodes one shard; yields progress, then a `ShardDone` once it is committed.
+
+        `then` is the shard this encoder will most likely be given next: once `shard`'s samples are
+        all read, the first of `then`'s are read and handed to the decoding processes, so that they
+        decode while the last batches of `shard` encode and commit, and the model does not wait for
+        them when `then` starts. A next call with another shard drops what was read ahead."""
+        reading, self._ahead = self._ahead, None
+        if reading is not None and reading.shard != shard:
+            reading.discard()
+            reading = None
+        reading = reading or self._open(shard)
         writer = ShardWriter(self.root, shard.name, shard.source, self.constants)
+        self._waited = 0.0
         try:
-            yield from self._encode(shard, writer)
+            yield from self._encode(reading, writer, then)
             marker = writer.commit()
         except BaseException:
             writer.abort()
+            if self._ahead is not None:  # the decoding processes may be what failed: `then` starts afresh
+                self._ahead.discard()
+                self._ahead = None
             raise
         errors = [r for r in writer.rows if r["status"] == "error"]
         reasons = [f"{r['key']}: {r['error']}" for r in errors]
-        yield ShardDone(marker, reasons, Counter(reason_kind(r["error"]) for r in errors))
+        kinds = Counter(reason_kind(r["error"]) for r in errors)
+        yield ShardDone(marker, reasons, kinds, read_ahead=reading.read_ahead, decode_wait_s=self._waited)
 
-    def _encode(self, shard: Shard, writer: ShardWriter) -> Iterator[Progress]:
-        damage: list[str] = []
-        window: deque[_Pending] = deque()  # samples being decoded, oldest first
-        held = 0  # bytes the window holds: the input members, and the clips they decode to
+    def _open(self, shard: Shard) -> _Reading:
+        reading = _Reading(shard, iter(()))
+        limits = self.config.limits
+        reading.samples = read_shard(
+            shard.source, reading.damage.append, limits.max_member_bytes, allow_shell=self.allow_shell
+        )
+        return reading
+
+    def _admit(self, reading: _Reading, raw: RawSample) -> None:
+        """Puts a sample read into the window: its video to a decoding process, or its error."""
+        if raw.key in reading.seen:
+            first = reading.seen[raw.key]
+            reading.window.append(_Pending(raw, {}, error=f"duplicate key (first at index {first} of this shard)"))
+        else:
+            reading.seen[raw.key] = raw.index
+            reading.window.append(self._prepare(raw))
+            reading.held += reading.window[-1].nbytes
+
+    def _read_ahead(self, shard: Shard, room: int) -> None:
+        """Reads the first samples of `shard` into its window (up to the decode depth, within `room`
+        bytes); a tar that cannot be read is recorded, for that shard's attempt to fail with."""
+        reading = self._ahead = self._open(shard)
+        if room <= 0:  # the window is full: `shard` starts as it would without reading ahead
+            return
+        try:
+            for raw in reading.samples:
+                self._admit(reading, raw)
+                if len(reading.window) >= self._depth() or reading.held >= room:
+                    break
+        except Exception as e:  # `shard`'s failure, not the shard being finished
+            reading.failed = e
+        reading.read_ahead = len(reading.window)
+
+    def _depth(self) -> int:
+        return self.config.run.batch_size + 2 * self.config.run.decode_threads
+
+    def _encode(self, reading: _Reading, writer: ShardWriter, then: Shard | None) -> Iterator[Progress]:
+        if reading.failed is not None:
+            raise reading.failed
+        window = reading.window
         batches: dict[str | None, list[_Decoded]] = {}  # per bucket (None: no buckets), in first-seen order
-        seen: dict[str, int] = {}
-        depth = self.config.run.batch_size + 2 * self.config.run.decode_threads
+        depth = self._depth()
         limits = self.config.limits
 
         def finish(items: list[_Decoded]) -> Iterator[Progress]:
@@ -196,25 +275,21 @@ class ShardEncoder:
                 if len(batch) == (self.config.run.batch_size if bucket is None else bucket.batch_size):
                     yield self._flush(batch, writer)
 
-        samples = read_shard(shard.source, damage.append, limits.max_member_bytes, allow_shell=self.allow_shell)
-        for raw in samples:
-            if raw.key in seen:
-                window.append(_Pending(raw, {}, error=f"duplicate key (first at index {seen[raw.key]} of this shard)"))
-            else:
-                seen[raw.key] = raw.index
-                window.append(self._prepare(raw))
-                held += window[-1].nbytes
+        for raw in reading.samples:
+            self._admit(reading, raw)
             # Bounded in samples and in bytes (a sample over the byte budget is decoded alone).
-            while window and (len(window) > depth or held > limits.window_bytes or window[0].done()):
+            while window and (len(window) > depth or reading.held > limits.window_bytes or window[0].done()):
                 pending = window.popleft()
-                held -= pending.nbytes
+                reading.held -= pending.nbytes
                 yield from finish(self._resolve(pending))
+        if then is not None and self.config.run.read_ahead:
+            self._read_ahead(then, limits.window_bytes - reading.held)
         while window:
             yield from finish(self._resolve(window.popleft()))
         for batch in batches.values():
             if batch:
                 yield self._flush(batch, writer)
-        for reason in damage:  # damage inside a readable tar; a shard that cannot be read raised above
+        for reason in reading.damage:  # damage inside a readable tar; a shard that cannot be read raised above
             writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
             yield Progress(0, 0, 1)
 
@@ -236,6 +311,7 @@ class ShardEncoder:
         raw, fields = pending.raw, pending.fields
         if pending.clip is None:
             return [_Decoded(raw, fields, error=pending.error)]
+        started = time.perf_counter()
         try:
             clips = pending.clip.result()
         except VideoError as e:
@@ -244,6 +320,8 @@ class ShardEncoder:
             raise  # the worker's failure: the attempt fails and is retried, no sample is blamed
         except Exception as e:
             return [_Decoded(raw, fields, error=f"decode failed: {describe_error(e)}")]
+        finally:
+            self._waited += time.perf_counter() - started
         out = []
         for clip in clips:
             info, plan = clip.info, clip.plan

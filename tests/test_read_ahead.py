@@ -1,0 +1,114 @@
+"""Reading ahead across shards (`run.read_ahead`): an actor handed its next shard decodes that
+shard's first samples while it finishes the current one, and the output is the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import in_process_encoder, small_config
+
+from jobs.dataset.reader import load_sample, read_metadata
+from jobs.inputs.shards import Shard
+from jobs.inputs.tar_samples import ShardReadError
+from jobs.orchestration.driver import run
+from jobs.orchestration.worker import ShardDone, ShardEncoder
+
+
+def _noting_submits(encoder: ShardEncoder) -> list[str]:
+    """The keys handed to the encoder's decoding processes, in order, from now on."""
+    keys: list[str] = []
+    submit = encoder.decoder.submit
+
+    def noting(data, spec, key=""):  # type: ignore[no-untyped-def]
+        keys.append(key)
+        return submit(data, spec, key)
+
+    encoder.decoder.submit = noting  # type: ignore[method-assign]
+    return keys
+
+
+def _done(messages) -> ShardDone:  # type: ignore[no-untyped-def]
+    (done,) = [m for m in messages if isinstance(m, ShardDone)]
+    return done
+
+
+def _keys(root, shard: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [r["key"] for r in read_metadata(root).to_pylist() if r["shard"] == f"latents/{shard}.tar"]
+
+
+def test_the_next_shard_is_decoding_before_this_one_commits_and_the_output_is_the_same(demo_shards, tmp_path):
+    outputs = []
+    for ahead in (True, False):
+        encoder, plan = in_process_encoder(small_config(demo_shards, tmp_path / f"out-{ahead}"))
+        submitted = _noting_submits(encoder)
+        a, b, c = plan.shards
+        try:
+            at_commit: list[str] = []
+            for message in encoder.encode_shard(a, then=b if ahead else None):
+                if isinstance(message, ShardDone):
+                    at_commit = list(submitted)
+                    assert message.read_ahead == 0
+            done_b = _done(encoder.encode_shard(b, then=c if ahead else None))
+            done_c = _done(encoder.encode_shard(c))
+        finally:
+            encoder.decoder.close()
+        keys_b = _keys(plan.root, b.name)
+        assert len(keys_b) == 4
+        if ahead:  # b's samples (4, under the decode depth of 6) were all decoding when a committed, once each
+            assert set(keys_b) <= set(at_commit)
+            assert done_b.read_ahead == done_c.read_ahead == 4
+        else:
+            assert not set(keys_b) & set(at_commit) and done_b.read_ahead == 0
+        assert all(submitted.count(k) == 1 for k in keys_b)
+        assert done_b.decode_wait_s >= 0 and done_b.marker["ok"] == 4
+        outputs.append(plan.root)
+    rows = [read_metadata(out).to_pylist() for out in outputs]
+    assert rows[0] == rows[1] and [r["status"] for r in rows[0]] == ["ok"] * 12
+    for row in rows[0]:
+        assert torch.equal(load_sample(outputs[0], row)["latent"], load_sample(outputs[1], row)["latent"])
+
+
+def test_a_shard_read_ahead_but_not_given_next_is_dropped_and_read_again_when_it_comes(demo_shards, tmp_path):
+    encoder, plan = in_process_encoder(small_config(demo_shards, tmp_path / "out"))
+    submitted = _noting_submits(encoder)
+    a, b, c = plan.shards
+    try:
+        _done(encoder.encode_shard(a, then=b))
+        ahead = encoder._ahead
+        assert ahead is not None and ahead.shard == b
+        done_c = _done(encoder.encode_shard(c))  # another actor took b over
+        assert done_c.read_ahead == 0 and encoder._ahead is None
+        assert all(p.clip is None or p.clip.cancelled() or p.clip.done() for p in ahead.window) and not ahead.window
+        done_b = _done(encoder.encode_shard(b))
+    finally:
+        encoder.decoder.close()
+    assert done_b.read_ahead == 0 and done_b.marker["ok"] == 4
+    keys_b = _keys(plan.root, b.name)
+    assert len(keys_b) == 4 and all(submitted.count(k) >= 1 for k in keys_b)
+    assert [r["status"] for r in read_metadata(plan.root).to_pylist()] == ["ok"] * 12
+
+
+def test_a_next_shard_that_cannot_be_read_fails_its_own_attempt_only(demo_shards, tmp_path):
+    encoder, plan = in_process_encoder(small_config(demo_shards[:1], tmp_path / "out"))
+    missing = Shard(source=str(tmp_path / "missing.tar"), name="missing")
+    try:
+        done = _done(encoder.encode_shard(plan.shards[0], then=missing))
+        assert done.marker["ok"] == 4
+        with pytest.raises(ShardReadError, match="missing.tar"):
+            list(encoder.encode_shard(missing))
+        assert encoder._ahead is None
+    finally:
+        encoder.decoder.close()
+
+
+@pytest.mark.slow
+def test_the_driver_hands_each_actor_its_next_shard_to_read_ahead(demo_shards, tmp_path, ray_cluster):
+    reads = []
+    for ahead in (True, False):
+        config = small_config(demo_shards, tmp_path / f"out-{ahead}", run={"workers": 1, "read_ahead": ahead})
+        summary = run(config)
+        assert summary.complete and summary.ok == 12
+        (actor,) = summary.actors.values()
+        reads.append(actor["read_ahead"])
+        assert actor["decode_wait_s"] > 0  # the first shard's decodes, at least
+    assert reads == [8, 0]  # the second and third shards, 4 samples each, were read ahead
