@@ -7,6 +7,9 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO_DIR ?= demo
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): the end-to-end tests mostly wait on Ray and subprocesses, so two
+# share two cores well; 1 runs them in this process, one after another.
+TEST_PROCESSES ?= 2
 
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -67,11 +70,11 @@ format: install
 
 # Every test, the slow end-to-end ones included (CI runs this).
 test: lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 # The quick inner loop: skips the tests marked slow.
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_PROCESSES) -m "not slow" $(PYTEST_ARGS)
 
 # The CPU benchmarks (figures, not pass/fail): throughput against its bound and baselines, the encoder
 # per technique, decode memory, load memory.

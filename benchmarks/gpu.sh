@@ -13,12 +13,12 @@ $PY benchmarks/encoder.py --device cuda --presets hunyuan-vae --sizes 256x256 12
     --compile --peak-tflops "$PEAK" --readme README.md
 $PY benchmarks/encoder.py --device cuda --presets flux-ae dc-ae-f32t4c128 --sizes 256x256 1280x720 --frames 33 \
     --peak-tflops "$PEAK"
-# decode/encode/job/baselines at 256x256 and at 1280x720, 33 frames (1 + 4k)
-# (the job again with pinned memory, batching and parallel decoding each off; at 720p through FFmpeg's
-# scaler, so that the frames travel as uint8, and again as float32)
+# decode/encode/job/baselines at 256x256 and at 720x720, 33 frames (1 + 4k)
+# (the job again with pinned memory, batching, parallel decoding and read-ahead across its 4 shards each
+# off; at 720x720 through FFmpeg's scaler, so that the frames travel as uint8, and again as float32)
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256 --clips 64 \
-    --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
-    --techniques pageable batch-1 one-process --readme README.md
+    --per-shard 16 --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
+    --techniques pageable batch-1 one-process no-read-ahead --readme README.md
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 720 --clips 16 \
     --batch 1 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
     --resize decoder --techniques float-frames pageable

@@ -14,8 +14,15 @@ import ray
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
 
-# One line per scenario of tests/test_chaos.py, printed after the run.
+# One line per scenario of tests/test_chaos.py, printed after the run. The tests record them as
+# the property "chaos" (`record_property`), which reaches this process's reports also from the
+# processes of `pytest -n` (pytest-xdist).
 CHAOS_LINES: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:  # type: ignore[no-untyped-def]
+    if report.when == "teardown":  # the last report of a test: it carries every property recorded
+        CHAOS_LINES.extend(value for name, value in report.user_properties if name == "chaos")
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import CHAOS_LINES, encoder_pids, kill_session
+from conftest import encoder_pids, kill_session
 
 from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import read_metadata
@@ -81,6 +81,16 @@ def clean(data, tmp_path_factory) -> Path:
     return out
 
 
+_LINES: list[str] = []  # this test's scenario line, recorded as its "chaos" property (conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def _record_scenario(record_property):  # type: ignore[no-untyped-def]
+    yield
+    while _LINES:
+        record_property("chaos", _LINES.pop(0))
+
+
 def compare(scenario: str, out: Path, clean: Path) -> None:
     """Samples lost, doubled, and files that differ, against the clean run; records the line."""
     rows = Counter((r["source"].rsplit("/", 1)[-1], r["key"], r["clip"]) for r in read_metadata(out).to_pylist())
@@ -89,7 +99,7 @@ def compare(scenario: str, out: Path, clean: Path) -> None:
     a, b = data_files(out), data_files(clean)
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     leftovers = [str(p) for p in out.rglob("*.tmp")]
-    CHAOS_LINES.append(
+    _LINES.append(
         f"{scenario:<46} lost {lost}, doubled {doubled}, files differing {len(differ)}, temporaries {len(leftovers)}"
     )
     assert (lost, doubled, differ, leftovers) == (0, 0, [], [])

@@ -26,7 +26,7 @@ def test_killed_actor_is_replaced_and_its_shard_redone(ray_cluster, tmp_path):
     def kill_one_busy_actor() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
-            for pid in encoder_pids():
+            for pid in encoder_pids(ancestor=os.getpid()):  # this session's embedded Ray only
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return
