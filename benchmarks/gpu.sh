@@ -2,7 +2,8 @@
 # The GPU figures of the README, on one machine with an NVIDIA GPU, in well under 10 minutes:
 #   bash benchmarks/gpu.sh            # PEAK_TFLOPS=989 (H100/H200 SXM, bf16 dense) unless set
 # Random weights (no checkpoint needed: the speed is the same); the full presets in bf16.
-# Each step rewrites its table in README.md (the command that made it is in the table).
+# Each step rewrites its GPU table in README.md (the command that made it is in the table; the CPU
+# tables stay).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -10,18 +11,21 @@ PEAK=${PEAK_TFLOPS:-989}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # encoder alone: MFU, peak memory, each technique on and off, diffusers' AutoencoderKLHunyuanVideo beside it
 $PY benchmarks/encoder.py --device cuda --presets hunyuan-vae --sizes 256x256 1280x720 --frames 33 129 \
-    --compile --peak-tflops "$PEAK" --readme README.md
+    --compile --peak-tflops "$PEAK" --readme README.md --block encoder-gpu
 $PY benchmarks/encoder.py --device cuda --presets flux-ae dc-ae-f32t4c128 --sizes 256x256 1280x720 --frames 33 \
-    --peak-tflops "$PEAK"
-# decode/encode/job/baselines at 256x256 and at 720x720, 33 frames (1 + 4k)
+    --peak-tflops "$PEAK" --readme README.md --block encoder-gpu-others
+# decode/encode/job/baselines at 256x256 and at 1280x720, 33 frames (1 + 4k), from sources of about
+# 720p (576x960 to 1152x672: the decoding a real dataset costs)
 # (the job again with pinned memory, batching, parallel decoding and read-ahead across its 4 shards each
-# off; at 720x720 through FFmpeg's scaler, so that the frames travel as uint8, and again as float32)
+# off; at 1280x720 through FFmpeg's scaler, so that the frames travel as uint8, and again as float32)
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256 --clips 64 \
-    --per-shard 16 --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
-    --techniques pageable batch-1 one-process no-read-ahead --readme README.md
-$PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 720 --clips 16 \
+    --source-scale 6 --per-shard 16 --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 \
+    --peak-tflops "$PEAK" --techniques pageable batch-1 one-process no-read-ahead --readme README.md \
+    --block throughput-gpu
+$PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 1280x720 --clips 16 \
+    --source-scale 6 \
     --batch 1 --workers 1 --cpus-per-worker 8 --decode-processes 8 --peak-tflops "$PEAK" \
-    --resize decoder --techniques float-frames pageable
+    --resize decoder --techniques float-frames pageable --readme README.md --block throughput-gpu-720p
 # loading a float32 checkpoint in bf16: per tensor (the job's), the whole file then converted, host copy first
 $PY benchmarks/load_memory.py --device cuda
 # memory and accuracy of tiled and chunked encodes, per plan (129 frames at 720p: the exact-chunks rows above)

@@ -52,7 +52,12 @@ from jobs.inputs.video import VideoError, read_clips
 from jobs.orchestration.config import JobConfig, RunConfig, VAEConfig, VideoConfig
 
 VIDEO_SUFFIXES = ["mp4"]
-VIDEOS = "`jobs.demo_data`: 5 sizes from 96x160 to 192x112, 20 to 48 frames at 24 to 30 fps, H.264"
+
+
+def videos(scale: int) -> str:
+    """The generated videos, in words."""
+    sizes = f"5 sizes from {96 * scale}x{160 * scale} to {192 * scale}x{112 * scale}"
+    return f"`jobs.demo_data`: {sizes}, 20 to 48 frames at 24 to 30 fps, H.264"
 
 
 def load_videos(shards: list[Path]) -> list[tuple[str, bytes]]:
@@ -134,7 +139,7 @@ def job_config(shards: list[Path], out: Path, args: argparse.Namespace) -> JobCo
         input=[str(s) for s in shards],
         output=str(out),
         vae=VAEConfig(name=args.preset),
-        video=VideoConfig(num_frames=args.frames, height=args.size, width=args.size, resize=args.resize),
+        video=VideoConfig(num_frames=args.frames, height=args.height, width=args.width, resize=args.resize),
         run=RunConfig(
             workers=args.workers,
             cpus_per_worker=args.cpus_per_worker,
@@ -272,7 +277,13 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--preset", default="flux-ae-tiny")
     parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--size", default="64", help="the clips' frame size: N (square) or WxH, e.g. 1280x720")
+    parser.add_argument(
+        "--source-scale",
+        type=int,
+        default=1,
+        help="multiplies the generated videos' sizes (96x160 to 192x112): 6 is about 720p, 10 about 1080p",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument(
         "--per-shard", type=int, default=32, help="videos per input shard (real datasets hold hundreds to thousands)"
@@ -298,12 +309,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.techniques is None:
         args.techniques = DEFAULT_TECHNIQUES[args.device]
-    request = ClipRequest(num_frames=args.frames, height=args.size, width=args.size, resize=args.resize)
+    args.width, args.height = (int(n) for n in args.size.split("x")) if "x" in args.size else (int(args.size),) * 2
+    request = ClipRequest(num_frames=args.frames, height=args.height, width=args.width, resize=args.resize)
     rounds: list[list[dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         count = max(1, -(-args.clips // args.per_shard))  # shards of at most --per-shard videos
-        shards = write_demo_dataset(root / "data", shards=count, samples_per_shard=args.clips // count, seed=0)
+        per_shard = args.clips // count
+        shards = write_demo_dataset(root / "data", count, per_shard, seed=0, scale=args.source_scale)
         videos = load_videos(shards)
         for number in range(args.rounds):
             rows = one_round(shards, videos, request, args, root / f"round-{number}")
@@ -311,7 +324,7 @@ def main() -> None:
                 r["frames_per_s"] = round(r["frames"] / r["seconds"], 2) if r["frames"] else None
                 r["videos_per_s"] = round(r["frames_per_s"] / args.frames, 2) if r["frames"] else None  # one clip each
                 r["seconds"] = round(r["seconds"], 3)
-                clip = [args.frames, args.size, args.size]
+                clip = [args.frames, args.height, args.width]
                 print(json.dumps({**r, "round": number, "preset": args.preset, "device": args.device, "clip": clip}))
             rounds.append(rows)
     results = [median_row([rows[i] for rows in rounds]) for i in range(len(rounds[0]))]
@@ -404,8 +417,8 @@ def results_table(
     rounds = f"the median of {args.rounds} rounds, each measurement once per round" if args.rounds > 1 else "one round"
     lines = [
         f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
-        f"{figures['videos']} videos of mixed sizes and lengths ({VIDEOS}), one "
-        f"{args.frames}x{args.size}x{args.size} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
+        f"{figures['videos']} videos of mixed sizes and lengths ({videos(args.source_scale)}), one "
+        f"{args.frames}x{args.height}x{args.width} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
         f"{args.decode_processes} decoding processes, `video.resize: {args.resize}`, {args.workers} encoder "
         f"actor(s) of {args.cpus_per_worker} threads; {rounds}. Command: `{command}` "
         f"({time.strftime('%Y-%m-%d')}).",

@@ -93,10 +93,11 @@ def video_file_bytes(
     return buf.getvalue()
 
 
-def demo_sample(seed: int, index: int, min_frames: int = 20, max_frames: int = 48) -> dict[str, bytes]:
-    """The members of demo sample `index` (without key): mp4 plus `txt` or `json`."""
+def demo_sample(seed: int, index: int, min_frames: int = 20, max_frames: int = 48, scale: int = 1) -> dict[str, bytes]:
+    """The members of demo sample `index` (without key): mp4 plus `txt` or `json`; `scale` multiplies
+    the frame size (6: about 720p, 10: about 1080p, for benchmarks that decode real-sized sources)."""
     rng = np.random.default_rng([seed, index])
-    width, height = SIZES[rng.integers(len(SIZES))]
+    width, height = (scale * n for n in SIZES[rng.integers(len(SIZES))])
     num_frames = int(rng.integers(min_frames, max_frames + 1))
     fps = FRAME_RATES[rng.integers(len(FRAME_RATES))]
     video = synth_video(rng, width, height, num_frames, fps)
@@ -120,14 +121,19 @@ def write_shard(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]
 
 
 def write_demo_dataset(
-    output: str | Path, shards: int = 4, samples_per_shard: int = 6, seed: int = 0, min_frames: int = 20
+    output: str | Path,
+    shards: int = 4,
+    samples_per_shard: int = 6,
+    seed: int = 0,
+    min_frames: int = 20,
+    scale: int = 1,
 ) -> list[Path]:
-    """Writes `shard-000000.tar` ... into `output` and returns their paths."""
+    """Writes `shard-000000.tar` ... into `output` and returns their paths (`scale`: see `demo_sample`)."""
     paths = []
     for s in range(shards):
         path = Path(output) / f"shard-{s:06d}.tar"
         indices = range(s * samples_per_shard, (s + 1) * samples_per_shard)
-        write_shard(path, ((f"clip-{i:06d}", demo_sample(seed, i, min_frames)) for i in indices))
+        write_shard(path, ((f"clip-{i:06d}", demo_sample(seed, i, min_frames, scale=scale)) for i in indices))
         paths.append(path)
     return paths
 

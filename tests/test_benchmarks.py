@@ -4,6 +4,7 @@ speed is measured by running them, not by tests)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     rows = _run(
         "benchmarks/throughput.py",
         *("--clips", "8", "--per-shard", "4", "--resize", "decoder", "--techniques", "float-frames"),
+        *("--size", "64x48", "--source-scale", "2"),
         *("--readme", str(readme)),
     )
     by_name = {r["name"]: r for r in rows}
@@ -58,6 +60,8 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     text = readme.read_text()
     assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
     assert "`video.resize: decoder`" in text and "| job, float32 host frames |" in text
+    assert "one 8x48x64 clip each" in text and "5 sizes from 192x320 to 384x224" in text
+    assert by_name["job, end to end"]["clip"] == [8, 48, 64]
 
 
 def test_the_load_benchmark_shows_no_float32_copy_in_host_memory_when_loading_in_bf16():
@@ -69,3 +73,13 @@ def test_the_load_benchmark_shows_no_float32_copy_in_host_memory_when_loading_in
     # pages stay the page cache's. A loader that reads the file into RAM first holds it whole.
     assert per_tensor["host_anon_peak_mib"] < 0.7 * file_mib
     assert host_copy["host_anon_peak_mib"] > file_mib
+
+
+def test_every_readme_table_that_the_gpu_script_writes_is_in_the_readme():
+    # On the GPU machine a missing block would stop the script half way (`set -e`), its device time lost.
+    script = (REPO / "benchmarks" / "gpu.sh").read_text()
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"--block (\S+)", script)
+    assert len(blocks) == script.count("--readme README.md") == 4
+    for name in blocks:
+        assert f"<!-- {name}:begin -->" in readme and f"<!-- {name}:end -->" in readme, name
