@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _rss_kb(field: str) -> int:
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in kB (VmRSS, VmHWM, RssAnon, ...; Linux only)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -36,11 +37,11 @@ def measure(path: str, mode: str, frames: int) -> dict[str, float | str]:
 
     data = Path(path).read_bytes()
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM): it survives fork and exec
-    base = _rss_kb("VmRSS")
+    base = status_kb("VmRSS")
     started = time.perf_counter()
     read_clips(data, ClipRequest(num_frames=frames, height=256, width=256, resize=mode))  # type: ignore[arg-type]
     seconds = time.perf_counter() - started
-    peak = (_rss_kb("VmHWM") - base) / 1024
+    peak = (status_kb("VmHWM") - base) / 1024
     return {"mode": mode, "peak_rss_mb": round(peak, 1), "seconds": round(seconds, 3)}
 
 

@@ -31,30 +31,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from decode_memory import status_kb
 
 WAYS = ["per tensor", "whole file", "host copy"]
 PRESETS = {"cpu": ["flux-ae", "hunyuan-vae"], "cuda": ["flux-ae", "hunyuan-vae", "dc-ae-f32t4c128"]}
 MIB = 2**20
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
-
-
 class _PeakAnon:
     """The highest RssAnon seen while it runs, sampled every millisecond by a thread."""
 
     def __init__(self) -> None:
-        self.peak = _status_kb("RssAnon")
+        self.peak = status_kb("RssAnon")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _status_kb("RssAnon"))
+            self.peak = max(self.peak, status_kb("RssAnon"))
 
     def __enter__(self) -> _PeakAnon:
         self._thread.start()
@@ -63,7 +57,7 @@ class _PeakAnon:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _status_kb("RssAnon"))
+        self.peak = max(self.peak, status_kb("RssAnon"))
 
 
 def load(way: str, preset_name: str, checkpoint: str, device: str) -> torch.nn.Module:
@@ -99,7 +93,7 @@ def measure(way: str, preset: str, checkpoint: str, device: str) -> dict[str, An
         torch.empty(1, device=device)  # the context, before the baseline
         torch.cuda.reset_peak_memory_stats()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM
-    anon, rss = _status_kb("RssAnon"), _status_kb("VmRSS")
+    anon, rss = status_kb("RssAnon"), status_kb("VmRSS")
     started = time.perf_counter()
     with _PeakAnon() as peak:
         model = load(way, preset, checkpoint, device)
@@ -114,7 +108,7 @@ def measure(way: str, preset: str, checkpoint: str, device: str) -> dict[str, An
         "seconds": round(seconds, 3),
         "model_mib": round(weights / MIB, 1),
         "host_anon_peak_mib": round((peak.peak - anon) / 1024, 1),
-        "host_rss_peak_mib": round((_status_kb("VmHWM") - rss) / 1024, 1),
+        "host_rss_peak_mib": round((status_kb("VmHWM") - rss) / 1024, 1),
     }
     if device == "cuda":
         result["device_peak_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)

@@ -219,12 +219,10 @@ class ShardEncoder:
         yield ShardDone(marker, reasons, kinds, read_ahead=reading.read_ahead, decode_wait_s=self._waited)
 
     def _open(self, shard: Shard) -> _Reading:
-        reading = _Reading(shard, iter(()))
+        damage: list[str] = []
         limits = self.config.limits
-        reading.samples = read_shard(
-            shard.source, reading.damage.append, limits.max_member_bytes, allow_shell=self.allow_shell
-        )
-        return reading
+        samples = read_shard(shard.source, damage.append, limits.max_member_bytes, allow_shell=self.allow_shell)
+        return _Reading(shard, samples, damage)
 
     def _admit(self, reading: _Reading, raw: RawSample) -> None:
         """Puts a sample read into the window: its video to a decoding process, or its error."""
