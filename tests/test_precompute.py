@@ -197,6 +197,7 @@ NOT_FINGERPRINTED = [
     "run.gpus=4",
     "run.pin_memory=false",
     "run.uint8_frames=false",
+    "run.reuse_host_memory=false",
     "run.progress_interval_s=2",
     "limits.max_frames=1000",
     "limits.max_pixels=1000000",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,10 @@ def test_report_and_status_of_a_run_with_a_failed_shard(ray_cluster, demo_shards
     assert report["bytes_written"] == sum(p.stat().st_size for p in files)
     assert sum(a["samples"] for a in report["actors"].values()) == 8 and report["ok"] == 8
     assert "written: " in summary.text() and "slowest shards: " in summary.text()
+    for actor in report["actors"].values():  # where its time went: the model, waiting for decodes, the rest
+        assert 0 < actor["model_s"] and actor["model_s"] + actor["decode_wait_s"] < actor["seconds"]
+        assert actor["model_busy"] == round(actor["model_s"] / actor["seconds"], 3)
+    assert re.search(r"the actors' time: \d+% in the model, \d+% waiting for decoding, \d+% reading", summary.text())
 
     state = status.status(out)
     assert (state["inputs"], state["committed"], state["ok"], state["running"]) == (3, 2, 8, False)

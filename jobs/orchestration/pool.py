@@ -328,11 +328,13 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 summary.shard_samples[shard.name] = marker["samples"]
                 summary.bytes_written += marker["latents"]["bytes"] + marker["meta"]["bytes"]
                 stats = summary.actors.setdefault(
-                    label(actor), {"samples": 0, "shards": 0, "seconds": 0.0, "decode_wait_s": 0.0, "read_ahead": 0}
+                    label(actor),
+                    {"samples": 0, "shards": 0, "seconds": 0.0, "model_s": 0.0, "decode_wait_s": 0.0, "read_ahead": 0},
                 )
                 stats["samples"] += marker["samples"]
                 stats["shards"] += 1
                 stats["seconds"] = round(stats["seconds"] + seconds, 3)
+                stats["model_s"] = round(stats["model_s"] + message.model_s, 3)
                 stats["decode_wait_s"] = round(stats["decode_wait_s"] + message.decode_wait_s, 3)
                 stats["read_ahead"] += message.read_ahead
                 summary.ok += marker["ok"]

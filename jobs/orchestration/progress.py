@@ -202,12 +202,27 @@ class Summary:
                 name: {
                     **stats,
                     "samples_per_s": round(stats["samples"] / stats["seconds"], 3) if stats["seconds"] else 0.0,
+                    # the share of its shards' time (dispatch to commit) that the model was working
+                    "model_busy": round(stats.get("model_s", 0.0) / stats["seconds"], 3) if stats["seconds"] else 0.0,
                 }
                 for name, stats in sorted(self.actors.items())
             },
             "stopped": self.stopped,
             "interrupted": self.interrupted,
         }
+
+    def model_busy(self) -> str | None:
+        """Where the actors' time went: the model at work, waiting for decoding, the rest (reading,
+        writing, commits); a model that waits says that decoding or I/O is what to scale."""
+        seconds = sum(a["seconds"] for a in self.actors.values())
+        if not seconds:
+            return None
+        model = sum(a.get("model_s", 0.0) for a in self.actors.values()) / seconds
+        waited = sum(a.get("decode_wait_s", 0.0) for a in self.actors.values()) / seconds
+        return (
+            f"the actors' time: {model:.0%} in the model, {waited:.0%} waiting for decoding, "
+            f"{max(0.0, 1 - model - waited):.0%} reading, writing and committing"
+        )
 
     def most_common(self, n: int = 3) -> str:
         return "; ".join(f"{kind} ({count})" for kind, count in self.reason_kinds.most_common(n))
@@ -224,6 +239,8 @@ class Summary:
             lines.append(f"written: {format_bytes(self.bytes_written)} of latents and metadata")
             slow = ", ".join(f"{name} ({format_seconds(sec)})" for name, sec in self.slowest(3))
             lines.append(f"slowest shards: {slow}")
+        if busy := self.model_busy():
+            lines.append(busy)
         if self.reason_kinds:
             lines.append(f"errors by reason: {self.most_common(5)}")
         for reason in self.error_reasons[:5]:

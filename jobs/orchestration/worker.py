@@ -27,6 +27,7 @@ from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import RawSample, read_shard, split_sample
 from jobs.inputs.video import Clip, DecodeLimits, VideoError, signed_unit
 from jobs.orchestration.config import JobConfig
+from jobs.orchestration.host_memory import reuse_freed_memory
 from jobs.orchestration.settings import clip_request
 from vae import (
     channels_last,
@@ -62,6 +63,7 @@ class ShardDone:
     reason_kinds: Counter[str] = field(default_factory=Counter)  # reasons with their numbers elided
     read_ahead: int = 0  # samples handed to the decoding processes before the shard's call began
     decode_wait_s: float = 0.0  # seconds the model waited for decoding (the window's oldest sample)
+    model_s: float = 0.0  # seconds in the model: batches to the device, encoded, latents back on the host
 
 
 def reason_kind(reason: str) -> str:
@@ -143,6 +145,8 @@ class ShardEncoder:
         self.root = root
         self.constants = constants
         self.allow_shell = allow_shell
+        if config.run.reuse_host_memory:
+            reuse_freed_memory()  # before the model's first allocations
         self.device = device_for_worker()
         if self.device.type == "cpu":
             torch.set_num_threads(config.run.cpus_per_worker)
@@ -185,6 +189,7 @@ class ShardEncoder:
         self._pinned: torch.Tensor | None = None  # the page-locked batch buffer (`run.pin_memory`)
         self._ahead: _Reading | None = None  # the shard read ahead (`then` of the last `encode_shard`)
         self._waited = 0.0  # seconds spent waiting for decodes during the current shard
+        self._in_model = 0.0  # seconds spent in the model during the current shard
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
@@ -203,7 +208,7 @@ class ShardEncoder:
             reading = None
         reading = reading or self._open(shard)
         writer = ShardWriter(self.root, shard.name, shard.source, self.constants)
-        self._waited = 0.0
+        self._waited = self._in_model = 0.0
         try:
             yield from self._encode(reading, writer, then)
             marker = writer.commit()
@@ -216,7 +221,9 @@ class ShardEncoder:
         errors = [r for r in writer.rows if r["status"] == "error"]
         reasons = [f"{r['key']}: {r['error']}" for r in errors]
         kinds = Counter(reason_kind(r["error"]) for r in errors)
-        yield ShardDone(marker, reasons, kinds, read_ahead=reading.read_ahead, decode_wait_s=self._waited)
+        yield ShardDone(
+            marker, reasons, kinds, read_ahead=reading.read_ahead, decode_wait_s=self._waited, model_s=self._in_model
+        )
 
     def _open(self, shard: Shard) -> _Reading:
         damage: list[str] = []
@@ -348,6 +355,7 @@ class ShardEncoder:
         """Encodes a batch (or, if that fails, each item alone) and writes the results."""
         items = list(batch)
         batch.clear()
+        started = time.perf_counter()
         try:
             results = self._run_model(items)
         except Exception as e:
@@ -356,6 +364,7 @@ class ShardEncoder:
             else:
                 log.warning("batch of %d failed (%s); encoding one at a time", len(items), describe_error(e))
                 results = [self._run_model_safely(item) for item in items]
+        self._in_model += time.perf_counter() - started  # (the latents' copy to the host waits for the device)
         frames = errors = 0
         for item, result in zip(items, results):
             if isinstance(result, Exception):
