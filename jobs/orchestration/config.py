@@ -131,7 +131,7 @@ class RunConfig:
     uint8_frames: bool = True
     # The actor's C allocator keeps freed host memory (up to 512 MiB) for the next batch instead of
     # handing it back to the kernel and faulting it in again, zeroed, page by page: on CPU the model
-    # runs 1.4x faster (jobs/orchestration/host_memory.py); glibc only, the same bytes
+    # runs 1.25x faster (jobs/orchestration/host_memory.py); glibc only, the same bytes
     reuse_host_memory: bool = True
     # `torch.compile` of the VAE's encoder: faster after a compile per input shape (a bucket's batch);
     # the latents' last bits move, so it is part of the fingerprint

@@ -3,9 +3,9 @@
 By default glibc returns freed memory at the top of its heap to the kernel as soon as more than a
 small threshold (128 KiB at first, twice the largest freed block later) is free, and the next
 allocation takes it back: a page fault per 4 KiB page, each page zeroed by the kernel. An encoder
-on CPU frees and reallocates its activations at every layer of every batch, and spent a third of
-its time in the kernel that way (`benchmarks/throughput.py`: the model at 106 frames/s inside the
-job against 163 alone; 150 with this). Here freed memory stays in the heap, up to
+on CPU frees and reallocates its activations at every layer of every batch, and its process spent
+a fifth of its time in the kernel that way (`benchmarks/throughput.py --techniques default-malloc`:
+the model at 131 frames/s inside the job, 164 with this). Here freed memory stays in the heap, up to
 `TRIM_THRESHOLD`, for the next batch to reuse; blocks of `MMAP_THRESHOLD` or more are still
 mapped and unmapped on their own.
 
