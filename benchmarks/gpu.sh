@@ -16,11 +16,12 @@ $PY benchmarks/encoder.py --device cuda --presets flux-ae dc-ae-f32t4c128 --size
     --peak-tflops "$PEAK" --readme README.md --block encoder-gpu-others
 # decode/encode/job/baselines at 256x256 and at 1280x720, 33 frames (1 + 4k), from sources of about
 # 720p (576x960 to 1152x672: the decoding a real dataset costs)
-# (the job again with pinned memory, batching, parallel decoding and read-ahead across its 4 shards each
+# (the job again with pinned memory, batching, parallel decoding, read-ahead across its 4 shards and freed
+# host memory kept for reuse each
 # off; at 1280x720 through FFmpeg's scaler, so that the frames travel as uint8, and again as float32)
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 256 --clips 64 \
     --source-scale 6 --per-shard 16 --batch 4 --workers 1 --cpus-per-worker 8 --decode-processes 8 \
-    --peak-tflops "$PEAK" --techniques pageable batch-1 one-process no-read-ahead --readme README.md \
+    --peak-tflops "$PEAK" --techniques pageable batch-1 one-process no-read-ahead default-malloc --readme README.md \
     --block throughput-gpu
 $PY benchmarks/throughput.py --device cuda --preset hunyuan-vae --frames 33 --size 1280x720 --clips 16 \
     --source-scale 6 \

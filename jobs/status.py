@@ -21,6 +21,7 @@ from typing import Any
 from jobs.dataset.catalog import DatasetError, Root, committed_markers, lock_held, read_job
 from jobs.dataset.layout import MANIFEST_FILE, REPORT_FILE
 from jobs.dataset.store import open_store
+from jobs.orchestration.progress import time_split
 
 
 def status(root: Root) -> dict[str, Any]:
@@ -78,6 +79,8 @@ def text(state: dict[str, Any]) -> str:
             f"last run ({last.get('finished_at', '?')}): {how}, {last['shards']['written']} shards written in "
             f"{last['seconds']:.0f} s, {last['frames_per_s']:.1f} frames/s"
         )
+        if busy := time_split(last.get("actors", {}).values()):
+            lines.append(f"  {busy}")
         if last.get("stopped"):
             lines.append(f"  stopped: {last['stopped']}")
         for entry in last.get("error_reasons", [])[:3]:

@@ -56,6 +56,7 @@ def test_report_and_status_of_a_run_with_a_failed_shard(ray_cluster, demo_shards
     assert "2 of 3 input shards committed (8 rows: 8 ok, 0 errors" in printed
     assert "failed in the last run: gone: 1 attempts, last: ShardReadError" in printed
     assert "a job is writing it now: no" in printed and "not finished" in printed
+    assert re.search(r"\n  the actors' time: \d+% in the model, \d+% waiting for decoding", printed)
     with output_lock(out):  # as while a job runs
         assert status.status(out)["running"] is True
 

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TextIO
 
@@ -150,6 +150,22 @@ class ProgressBar:
             self.stream.flush()
 
 
+def time_split(actors: Iterable[dict[str, float]]) -> str | None:
+    """Where the actors' time went (their `report.json` figures): the model at work, waiting for
+    decoding, the rest (reading, writing, commits); a model that waits says that decoding or the
+    input's storage is what to scale. None before any shard was committed."""
+    actors = list(actors)
+    seconds = sum(a["seconds"] for a in actors)
+    if not seconds:
+        return None
+    model = sum(a.get("model_s", 0.0) for a in actors) / seconds
+    waited = sum(a.get("decode_wait_s", 0.0) for a in actors) / seconds
+    return (
+        f"the actors' time: {model:.0%} in the model, {waited:.0%} waiting for decoding, "
+        f"{max(0.0, 1 - model - waited):.0%} reading, writing and committing"
+    )
+
+
 @dataclass
 class Summary:
     output: str
@@ -211,19 +227,6 @@ class Summary:
             "interrupted": self.interrupted,
         }
 
-    def model_busy(self) -> str | None:
-        """Where the actors' time went: the model at work, waiting for decoding, the rest (reading,
-        writing, commits); a model that waits says that decoding or I/O is what to scale."""
-        seconds = sum(a["seconds"] for a in self.actors.values())
-        if not seconds:
-            return None
-        model = sum(a.get("model_s", 0.0) for a in self.actors.values()) / seconds
-        waited = sum(a.get("decode_wait_s", 0.0) for a in self.actors.values()) / seconds
-        return (
-            f"the actors' time: {model:.0%} in the model, {waited:.0%} waiting for decoding, "
-            f"{max(0.0, 1 - model - waited):.0%} reading, writing and committing"
-        )
-
     def most_common(self, n: int = 3) -> str:
         return "; ".join(f"{kind} ({count})" for kind, count in self.reason_kinds.most_common(n))
 
@@ -239,7 +242,7 @@ class Summary:
             lines.append(f"written: {format_bytes(self.bytes_written)} of latents and metadata")
             slow = ", ".join(f"{name} ({format_seconds(sec)})" for name, sec in self.slowest(3))
             lines.append(f"slowest shards: {slow}")
-        if busy := self.model_busy():
+        if busy := time_split(self.actors.values()):
             lines.append(busy)
         if self.reason_kinds:
             lines.append(f"errors by reason: {self.most_common(5)}")
