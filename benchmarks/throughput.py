@@ -191,11 +191,11 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
         actors = summary.actors.values()
         waited = sum(a["decode_wait_s"] for a in actors)  # the model idle, waiting for frames
         in_model = sum(a["model_s"] for a in actors)  # batches to the device, encoded, latents back
-        busy = max(a["seconds"] for a in actors)  # its shards from dispatch to commit, summed
-        shares = {"model_share": in_model / sum(a["seconds"] for a in actors), "model_fps": summary.frames / in_model}
-        shares["wait_share"] = waited / sum(a["seconds"] for a in actors)
+        shards_s = sum(a["seconds"] for a in actors)  # each actor's shards from dispatch to commit
         row = {"name": name, "frames": summary.frames, "seconds": seconds, "clips": summary.ok}
-        results.append({**row, "decode_wait_s": waited, "busy_s": busy, **shares})
+        row.update(decode_wait_s=waited, busy_s=max(a["seconds"] for a in actors))
+        row.update(model_share=in_model / shards_s, wait_share=waited / shards_s, model_fps=summary.frames / in_model)
+        results.append(row)
     return results
 
 
@@ -348,7 +348,7 @@ def main() -> None:
     for r in results:
         rates = f"{r['frames_per_s'] or '':>9} {r['videos_per_s'] or '':>9}"
         waited = (
-            f"   the model waited {r['decode_wait_s']:.2f} s for decoding; {time_split(r)}"
+            f"   the model waited {r['decode_wait_s']:.2f} s for decoding; {actor_time(r)}"
             if "decode_wait_s" in r
             else ""
         )
@@ -391,7 +391,7 @@ def one_round(
     return rows
 
 
-def time_split(row: dict[str, Any]) -> str:
+def actor_time(row: dict[str, Any]) -> str:
     """Where a job's actor time went (`report.json`'s figures): the model at work, waiting for
     decoding, and the rest, which is the job's own machinery (reading tars, writing, commits)."""
     model, wait = row["model_share"], row["wait_share"]
@@ -481,7 +481,7 @@ def results_table(
         notes = [against.get(r["name"], "")]
         if "decode_wait_s" in r:
             notes.append(f"its model waited {r['decode_wait_s']:.2f} s for decoding")
-            notes.append(time_split(r))
+            notes.append(actor_time(r))
         cells.append("; ".join(n for n in notes if n))
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     bound_cells = f"{bound:.1f} | {bound / args.frames:.1f} | the limit of these cores"
