@@ -56,10 +56,17 @@ from jobs.orchestration.host_memory import reuse_freed_memory
 VIDEO_SUFFIXES = ["mp4"]
 
 
-def videos(scale: int) -> str:
+def source_frames(frames: int) -> tuple[int, int]:
+    """The generated videos' shortest and longest: `jobs.demo_data`'s 20 to 48 frames, or from the
+    clip's length to 28 more where clips are longer than 20 frames (every video gives its clip)."""
+    return max(20, frames), max(48, frames + 28)
+
+
+def videos(scale: int, frames: int) -> str:
     """The generated videos, in words."""
     sizes = f"5 sizes from {96 * scale}x{160 * scale} to {192 * scale}x{112 * scale}"
-    return f"`jobs.demo_data`: {sizes}, 20 to 48 frames at 24 to 30 fps, H.264"
+    shortest, longest = source_frames(frames)
+    return f"`jobs.demo_data`: {sizes}, {shortest} to {longest} frames at 24 to 30 fps, H.264"
 
 
 def load_videos(shards: list[Path]) -> list[tuple[str, bytes]]:
@@ -327,7 +334,8 @@ def main() -> None:
         root = Path(tmp)
         count = max(1, -(-args.clips // args.per_shard))  # shards of at most --per-shard videos
         per_shard = args.clips // count
-        shards = write_demo_dataset(root / "data", count, per_shard, seed=0, scale=args.source_scale)
+        shortest, longest = source_frames(args.frames)
+        shards = write_demo_dataset(root / "data", count, per_shard, 0, shortest, args.source_scale, longest)
         videos = load_videos(shards)
         for number in range(args.rounds):
             rows = one_round(shards, videos, request, args, root / f"round-{number}")
@@ -452,7 +460,7 @@ def results_table(
     rounds = f"the median of {args.rounds} rounds, each measurement once per round" if args.rounds > 1 else "one round"
     lines = [
         f"Hardware: {hardware(args.device)}; torch {torch.__version__}. Settings: `{args.preset}`, "
-        f"{figures['videos']} videos of mixed sizes and lengths ({videos(args.source_scale)}), one "
+        f"{figures['videos']} videos of mixed sizes and lengths ({videos(args.source_scale, args.frames)}), one "
         f"{args.frames}x{args.height}x{args.width} clip each, {figures['per_shard']} per shard, batch {args.batch}, "
         f"{args.decode_processes} decoding processes, `video.resize: {args.resize}`, {args.workers} encoder "
         f"actor(s) of {args.cpus_per_worker} threads; {rounds}. Command: `{command}` "

@@ -127,13 +127,17 @@ def write_demo_dataset(
     seed: int = 0,
     min_frames: int = 20,
     scale: int = 1,
+    max_frames: int = 48,
 ) -> list[Path]:
-    """Writes `shard-000000.tar` ... into `output` and returns their paths (`scale`: see `demo_sample`)."""
+    """Writes `shard-000000.tar` ... into `output` and returns their paths; each video has `min_frames`
+    to `max_frames` frames (`scale`: see `demo_sample`)."""
+    if min_frames > max_frames:
+        raise ValueError(f"min_frames ({min_frames}) is over max_frames ({max_frames})")
     paths = []
     for s in range(shards):
         path = Path(output) / f"shard-{s:06d}.tar"
         indices = range(s * samples_per_shard, (s + 1) * samples_per_shard)
-        write_shard(path, ((f"clip-{i:06d}", demo_sample(seed, i, min_frames, scale=scale)) for i in indices))
+        write_shard(path, ((f"clip-{i:06d}", demo_sample(seed, i, min_frames, max_frames, scale)) for i in indices))
         paths.append(path)
     return paths
 

@@ -49,19 +49,19 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     rows = _run(
         "benchmarks/throughput.py",
         *("--clips", "8", "--per-shard", "4", "--resize", "decoder", "--techniques", "float-frames"),
-        *("--size", "64x48", "--source-scale", "2"),
+        *("--size", "64x48", "--source-scale", "2", "--frames", "40"),  # clips longer than demo_data's shortest
         *("--readme", str(readme)),
     )
     by_name = {r["name"]: r for r in rows}
     for name in ("decode, 1 thread", "encode, batch 4", "baseline: single-process loop", "job, end to end"):
-        assert by_name[name]["frames"] == 8 * 8, name  # every clip, 8 frames each
+        assert by_name[name]["frames"] == 8 * 40, name  # every clip, 40 frames each (each video is long enough)
     assert by_name["job, end to end"]["clips"] == by_name["job, float32 host frames"]["clips"] == 8
     assert by_name["job, end to end"]["decode_wait_s"] > 0  # the first batch waits for its decodes, at least
     text = readme.read_text()
     assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
     assert "`video.resize: decoder`" in text and "| job, float32 host frames |" in text
-    assert "one 8x48x64 clip each" in text and "5 sizes from 192x320 to 384x224" in text
-    assert by_name["job, end to end"]["clip"] == [8, 48, 64]
+    assert "one 40x48x64 clip each" in text and "5 sizes from 192x320 to 384x224, 40 to 68 frames" in text
+    assert by_name["job, end to end"]["clip"] == [40, 48, 64]
 
 
 def test_the_load_benchmark_shows_no_float32_copy_in_host_memory_when_loading_in_bf16():
