@@ -26,7 +26,8 @@ FLOPs are counted once per shape with `torch.utils.flop_counter` on the baseline
 TFLOP/s is that count over the measured time (a chunked or tiled run does the same useful work,
 tiles add the overlap on top), and MFU is that over `--peak-tflops`. Peak memory is what the call
 allocates above the weights and its input: CUDA's allocator statistics, on CPU `torch.profiler`'s
-allocator events (`vae.memory.measure_peak_bytes`). `--readme FILE` rewrites the table between
+allocator events (`vae.memory.measure_peak_bytes`). The process keeps freed host memory for reuse,
+as the job's actors do (`run.reuse_host_memory`). `--readme FILE` rewrites the table between
 `<!-- encoder:begin -->` and `<!-- encoder:end -->` in FILE (`--block NAME`: another such table).
 """
 
@@ -51,6 +52,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from jobs.orchestration.host_memory import reuse_freed_memory
 from vae import VAEPreset, channels_last, channels_last_input, encode_video, get_preset, load_vae
 from vae.causal_3d import diffusers_kwargs
 from vae.memory import measure_peak_bytes
@@ -198,6 +200,7 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, help="rewrite the encoder table of this Markdown file")
     parser.add_argument("--block", default="encoder", help="which table of --readme (<!-- BLOCK:begin -->)")
     args = parser.parse_args()
+    reuse_freed_memory()  # as the job's actors keep freed host memory (`run.reuse_host_memory`)
     device = args.device
     names = args.techniques or techniques(device, args.compile)
     rows = []
