@@ -52,6 +52,7 @@ from jobs.inputs.tar_samples import read_shard, split_sample
 from jobs.inputs.video import VideoError, read_clips
 from jobs.orchestration.config import JobConfig, RunConfig, VAEConfig, VideoConfig
 from jobs.orchestration.host_memory import reuse_freed_memory
+from jobs.orchestration.progress import time_shares
 
 VIDEO_SUFFIXES = ["mp4"]
 
@@ -196,12 +197,11 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
         summary = run(config)
         seconds = time.perf_counter() - started
         actors = summary.actors.values()
-        waited = sum(a["decode_wait_s"] for a in actors)  # the model idle, waiting for frames
-        in_model = sum(a["model_s"] for a in actors)  # batches to the device, encoded, latents back
-        shards_s = sum(a["seconds"] for a in actors)  # each actor's shards from dispatch to commit
+        model_share, wait_share = time_shares(actors)  # of the actors' shard time: the model, waiting for frames
         row = {"name": name, "frames": summary.frames, "seconds": seconds, "clips": summary.ok}
-        row.update(decode_wait_s=waited, busy_s=max(a["seconds"] for a in actors))
-        row.update(model_share=in_model / shards_s, wait_share=waited / shards_s, model_fps=summary.frames / in_model)
+        row.update(decode_wait_s=sum(a["decode_wait_s"] for a in actors), busy_s=max(a["seconds"] for a in actors))
+        row.update(model_share=model_share, wait_share=wait_share)
+        row.update(model_fps=summary.frames / sum(a["model_s"] for a in actors))  # the model's own rate
         results.append(row)
     return results
 
@@ -363,8 +363,7 @@ def main() -> None:
         print(f"{r['name']:<40} {r['frames']:>7} {r['seconds']:>8} {rates}{waited}")
 
     def said(key: str) -> str:
-        low, high = spread[key]
-        return f"{figures[key]:.2f}" + (f" (rounds: {low:.2f} to {high:.2f})" if args.rounds > 1 else "")
+        return with_spread(key, figures, spread, args.rounds, "rounds: ")
 
     print(f"\nbound 1/(1/decode + 1/encode): {figures['bound']:.1f} frames/s; job / bound = {said('job/bound')}")
     print(f"job while its actors encode shards (their start apart) / bound = {said('busy/bound')}")
@@ -425,6 +424,14 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def with_spread(
+    key: str, figures: dict[str, float], spread: dict[str, tuple[float, float]], rounds: int, label: str = ""
+) -> str:
+    """A figure's median, and with several rounds its lowest and highest round."""
+    low, high = spread[key]
+    return f"{figures[key]:.2f}" + (f" ({label}{low:.2f} to {high:.2f})" if rounds > 1 else "")
+
+
 def ratios(rows: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, float]:
     """A round's figures that the targets are stated in."""
     rate = {r["name"]: r["frames_per_s"] for r in rows}
@@ -471,8 +478,7 @@ def results_table(
     ]
 
     def ratio(key: str) -> str:
-        low, high = spread[key]
-        return f"{figures[key]:.2f}" + (f" ({low:.2f} to {high:.2f})" if args.rounds > 1 else "")
+        return with_spread(key, figures, spread, args.rounds)
 
     against = {
         "job, end to end": f"{ratio('job/bound')} of the bound (target 0.9), {ratio('busy/bound')} while its actor "

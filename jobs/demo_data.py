@@ -151,11 +151,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-frames", type=int, default=20, help="shortest video, in frames")
     parser.add_argument("--max-frames", type=int, default=48, help="longest video, in frames")
     args = parser.parse_args(argv)
-    if args.min_frames > args.max_frames:
-        parser.error(f"--min-frames ({args.min_frames}) is over --max-frames ({args.max_frames})")
-    paths = write_demo_dataset(
-        args.output, args.shards, args.samples_per_shard, args.seed, args.min_frames, max_frames=args.max_frames
-    )
+    try:
+        paths = write_demo_dataset(
+            args.output, args.shards, args.samples_per_shard, args.seed, args.min_frames, max_frames=args.max_frames
+        )
+    except ValueError as e:  # frame counts that cannot be
+        parser.error(str(e))
     total = args.shards * args.samples_per_shard
     print(f"wrote {total} videos in {len(paths)} shards: {paths[0].parent}/shard-{{000000..{len(paths) - 1:06d}}}.tar")
 

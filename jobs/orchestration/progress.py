@@ -150,16 +150,27 @@ class ProgressBar:
             self.stream.flush()
 
 
-def time_split(actors: Iterable[dict[str, float]]) -> str | None:
-    """Where the actors' time went (their `report.json` figures): the model at work, waiting for
-    decoding, the rest (reading, writing, commits); a model that waits says that decoding or the
-    input's storage is what to scale. None before any shard was committed."""
+def time_shares(actors: Iterable[dict[str, float]]) -> tuple[float, float]:
+    """The shares of the actors' shard time (their `report.json` figures) that the model worked and
+    that it waited for decoding; zeros before any shard was committed."""
     actors = list(actors)
     seconds = sum(a["seconds"] for a in actors)
     if not seconds:
+        return 0.0, 0.0
+    return (
+        sum(a.get("model_s", 0.0) for a in actors) / seconds,
+        sum(a.get("decode_wait_s", 0.0) for a in actors) / seconds,
+    )
+
+
+def time_split(actors: Iterable[dict[str, float]]) -> str | None:
+    """Where the actors' time went: the model at work, waiting for decoding, the rest (reading,
+    writing, commits); a model that waits says that decoding or the input's storage is what to
+    scale. None before any shard was committed."""
+    actors = list(actors)
+    if not sum(a["seconds"] for a in actors):
         return None
-    model = sum(a.get("model_s", 0.0) for a in actors) / seconds
-    waited = sum(a.get("decode_wait_s", 0.0) for a in actors) / seconds
+    model, waited = time_shares(actors)
     return (
         f"the actors' time: {model:.0%} in the model, {waited:.0%} waiting for decoding, "
         f"{max(0.0, 1 - model - waited):.0%} reading, writing and committing"
