@@ -190,7 +190,9 @@ def test_sigkill_of_the_driver_alone_then_a_rerun_beside_its_zombies(data, clean
 
 def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(data, clean, tmp_path):
     out = tmp_path / "out"
-    first = start(data, out, "--workers", "1")
+    # A second per commit: the first job still holds the directory when the second starts, however
+    # fast this machine encodes the other five shards
+    first = start(data, out, "--workers", "1", env={FAULT_ENV: "slow-commit"})
     wait_for_commits(out, 1, first)
     second = run(data, out)
     _, stderr = first.communicate(timeout=300)
