@@ -163,6 +163,7 @@ def job_config(shards: list[Path], out: Path, args: argparse.Namespace) -> JobCo
 # The job again with one technique turned off (or, for `compile`, on): name -> (row, `run` settings).
 TECHNIQUES = {
     "pageable": ("job, pageable host memory", {"pin_memory": False}),
+    "no-write-behind": ("job, each batch written before the next encodes", {"write_behind": False}),
     "float-frames": ("job, float32 host frames", {"uint8_frames": False}),
     "batch-1": ("job, batch 1", {"batch_size": 1}),
     "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
@@ -171,7 +172,7 @@ TECHNIQUES = {
     "compile": ("job, compiled encoder", {"compile": True}),
 }
 # (`float-frames` only where clips are whole pixels: `--resize decoder`, or sources at the clip's size)
-DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "batch-1", "one-process"]}
+DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "no-write-behind", "batch-1", "one-process"]}
 
 
 def start_ray() -> dict[str, Any]:

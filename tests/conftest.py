@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
@@ -74,6 +75,32 @@ def in_process_encoder(config: JobConfig):  # -> (ShardEncoder, Plan)
     plan = make_plan(config, check_config(config), has_gpus=False)
     prepare_output(plan)
     return ShardEncoder(plan.config, str(plan.root), plan.constants), plan
+
+
+def encode_in_process(config: JobConfig) -> Path:
+    """Every shard of `config`, in order, through one `in_process_encoder`; the output's root."""
+    encoder, plan = in_process_encoder(config)
+    try:
+        for shard in plan.shards:
+            for _ in encoder.encode_shard(shard):
+                pass
+    finally:
+        encoder.decoder.close()
+    return Path(plan.root)
+
+
+def same_output(a: Path, b: Path) -> list[dict]:
+    """Asserts that two outputs hold the same rows and the same tensors, bit for bit; the rows."""
+    from jobs.dataset.reader import load_sample, read_metadata
+
+    rows = read_metadata(a).to_pylist()
+    assert rows == read_metadata(b).to_pylist()
+    for row in (r for r in rows if r["status"] == "ok"):
+        mine, theirs = load_sample(a, row), load_sample(b, row)
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            assert torch.equal(mine[name], theirs[name]), (row["key"], name)
+    return rows
 
 
 def kill_session(sid: int) -> None:

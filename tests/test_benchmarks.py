@@ -83,3 +83,7 @@ def test_every_readme_table_that_the_gpu_script_writes_is_in_the_readme():
     assert len(blocks) == script.count("--readme README.md") == 4
     for name in blocks:
         assert f"<!-- {name}:begin -->" in readme and f"<!-- {name}:end -->" in readme, name
+    tests = re.findall(r"tests/\S+\.py", script)  # its correctness part, run before the figures
+    assert "tests/test_cuda.py" in tests
+    for path in tests:
+        assert (REPO / path).is_file(), path

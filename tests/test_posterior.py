@@ -27,6 +27,19 @@ def test_per_item_generators_make_samples_batch_independent():
         d.sample([torch.Generator(), torch.Generator()])
 
 
+def test_the_noise_is_each_generators_own_draw():
+    """What `sample` adds is exactly `torch.randn` of each generator (latents stored by earlier runs
+    of a job stay the ones a resumed run gives)."""
+    params = torch.randn(3, 8, 2, 4, 4)
+    d = DiagonalGaussianDistribution(params)
+    whole = d.sample(torch.Generator().manual_seed(5))
+    assert torch.equal(whole, d.mean + d.std * torch.randn(d.mean.shape, generator=torch.Generator().manual_seed(5)))
+    batch = d.sample([torch.Generator().manual_seed(s) for s in (7, 8, 9)])
+    for i, s in enumerate((7, 8, 9)):
+        noise = torch.randn(d.mean.shape[1:], generator=torch.Generator().manual_seed(s))
+        assert torch.equal(batch[i], d.mean[i] + d.std[i] * noise)
+
+
 def test_kl_and_deterministic():
     zeros = torch.zeros(2, 8, 3, 3)
     assert torch.equal(DiagonalGaussianDistribution(zeros).kl(), torch.zeros(2))  # N(0, 1) vs N(0, 1)

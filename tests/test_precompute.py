@@ -196,6 +196,7 @@ NOT_FINGERPRINTED = [
     "run.address=127.0.0.1:6379",
     "run.gpus=4",
     "run.pin_memory=false",
+    "run.write_behind=false",
     "run.uint8_frames=false",
     "run.reuse_host_memory=false",
     "run.progress_interval_s=2",

@@ -41,14 +41,25 @@ class DiagonalGaussianDistribution:
                 which is what makes a resumed job produce the same latents as an
                 uninterrupted one. The noise is drawn on the generator's device and then
                 moved, so CPU generators give the same noise whatever device the model is on.
+                For a model on a GPU, CPU noise is drawn into page-locked memory and copied
+                without waiting: the host draws it while the encoder's kernels still run, and
+                returns before they end.
         """
-        if generator is None or isinstance(generator, torch.Generator):
-            noise = _randn(self.mean.shape, generator)
+        per_item = generator is not None and not isinstance(generator, torch.Generator)
+        generators = list(generator) if per_item else [generator]  # type: ignore[arg-type]
+        if per_item and len(generators) != self.mean.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {self.mean.shape[0]}")
+        device = generators[0].device if generators[0] is not None else torch.device("cpu")
+        pinned = device.type == "cpu" and self.mean.is_cuda
+        noise = torch.empty(self.mean.shape, dtype=torch.float32, device=device, pin_memory=pinned)
+        if per_item:  # each item's noise from its own generator, in place
+            for row, g in zip(noise, generators):
+                torch.randn(row.shape, generator=g, out=row)
         else:
-            if len(generator) != self.mean.shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {self.mean.shape[0]}")
-            noise = torch.stack([_randn(self.mean.shape[1:], g) for g in generator])
-        noise = noise.to(device=self.mean.device, dtype=self.mean.dtype)
+            torch.randn(noise.shape, generator=generators[0], out=noise)
+        # (a copy from page-locked memory does not wait for the stream; PyTorch keeps the page-locked
+        # block from reuse until the copy is done)
+        noise = noise.to(device=self.mean.device, dtype=self.mean.dtype, non_blocking=pinned)
         return self.mean + self.std * noise
 
     def mode(self) -> Tensor:
@@ -79,8 +90,3 @@ class DiagonalGaussianDistribution:
         return 0.5 * (
             (self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
         ).sum(dim=dims)
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else "cpu"
-    return torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)

@@ -125,6 +125,11 @@ class RunConfig:
     # On a GPU, batches are stacked into page-locked host memory, so that their copy to the GPU is
     # a DMA that needs no staging copy of its own (the bytes are the same either way)
     pin_memory: bool = True
+    # A batch's latents are written while the next batch encodes: the model is given batch k+1
+    # before batch k's rows are written, so that on a GPU the host's work (writing, waiting for and
+    # stacking clips) runs while the device encodes; with `pin_memory`, the latents come back to
+    # page-locked memory without the host waiting for them. The same output.
+    write_behind: bool = True
     # Clips whose pixels are whole numbers (`video.resize: decoder`, or frames that need no resize)
     # leave the decoding processes as uint8 and become [-1, 1] floats on the encoder's device: a
     # quarter of the bytes through shared memory, host RAM and the copy to the GPU (the same bits)

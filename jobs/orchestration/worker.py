@@ -2,9 +2,10 @@
 
 `ShardEncoder` is a plain class (Ray runs it inside `EncoderActor`, jobs/orchestration/actor.py,
 one actor per GPU). It loads the VAE once, then for each shard streams samples out of the tar,
-decodes videos in a few processes while the model encodes the previous batch, and writes latents and metadata
-through `ShardWriter`. A sample that fails anywhere becomes an error row; only a failure of
-the worker itself (a crash, a full disk) fails the shard, which the driver then retries.
+decodes videos in a few processes while the model encodes, and writes each batch's latents and
+metadata through `ShardWriter` while the next batch encodes. A sample that fails anywhere becomes
+an error row; only a failure of the worker itself (a crash, a full disk) fails the shard, which
+the driver then retries.
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ class _Decoded:
     error: str | None = None
 
 
+@dataclass
+class _Launched:
+    """A batch given to the model: its results (latents on the host, or the exception of an item)
+    and, on a GPU, the event after which their copies to the host are complete."""
+
+    items: list[_Decoded]
+    results: list[dict[str, torch.Tensor] | Exception]
+    ready: torch.cuda.Event | None = None  # None: the results are complete already
+
+
 def sample_seed(seed: int, key: str, clip: int = 0) -> int:
     """Seed of a clip's posterior noise: depends on the job seed, the key and the clip number only."""
     name = key if clip == 0 else f"{key}#{clip}"
@@ -186,7 +197,7 @@ class ShardEncoder:
             default=(config.video.num_frames, config.video.height, config.video.width),
         )
         self.clip_bytes = 3 * t * h * w * 4 * (self.request.max_clips if self.request.multi_clip else 1)
-        self._pinned: torch.Tensor | None = None  # the page-locked batch buffer (`run.pin_memory`)
+        self._launched: _Launched | None = None  # the batch whose latents are written at the next flush
         self._ahead: _Reading | None = None  # the shard read ahead (`then` of the last `encode_shard`)
         self._waited = 0.0  # seconds spent waiting for decodes during the current shard
         self._in_model = 0.0  # seconds spent in the model during the current shard
@@ -213,6 +224,7 @@ class ShardEncoder:
             yield from self._encode(reading, writer, then)
             marker = writer.commit()
         except BaseException:
+            self._launched = None  # its rows belonged to this attempt's writer
             writer.abort()
             if self._ahead is not None:  # the decoding processes may be what failed: `then` starts afresh
                 self._ahead.discard()
@@ -278,7 +290,7 @@ class ShardEncoder:
                 batch = batches.setdefault(None if bucket is None else bucket.name, [])
                 batch.append(item)
                 if len(batch) == (self.config.run.batch_size if bucket is None else bucket.batch_size):
-                    yield self._flush(batch, writer)
+                    yield from self._flush(batch, writer)
 
         for raw in reading.samples:
             self._admit(reading, raw)
@@ -293,7 +305,8 @@ class ShardEncoder:
             yield from finish(self._resolve(window.popleft()))
         for batch in batches.values():
             if batch:
-                yield self._flush(batch, writer)
+                yield from self._flush(batch, writer)
+        yield from self._land_last(writer)
         for reason in reading.damage:  # damage inside a readable tar; a shard that cannot be read raised above
             writer.add_shard_error(f"{reason} ({len(writer.rows)} samples read before it)")
             yield Progress(0, 0, 1)
@@ -351,22 +364,42 @@ class ShardEncoder:
             out.append(_Decoded(raw, per_clip, clip=clip))
         return out
 
-    def _flush(self, batch: list[_Decoded], writer: ShardWriter) -> Progress:
-        """Encodes a batch (or, if that fails, each item alone) and writes the results."""
+    def _flush(self, batch: list[_Decoded], writer: ShardWriter) -> Iterator[Progress]:
+        """Gives a batch to the model (or, if that fails, each item alone), then writes the batch given
+        before it (`run.write_behind`; else this one). On a GPU the model's call returns while the
+        encoder runs: the host writes the last batch's latents, and waits for and stacks the next
+        batch's clips, while the device encodes this one."""
         items = list(batch)
         batch.clear()
         started = time.perf_counter()
         try:
-            results = self._run_model(items)
+            launched = self._run_model(items)
         except Exception as e:
             if len(items) == 1:
-                results = [e]
+                launched = _Launched(items, [e])
             else:
                 log.warning("batch of %d failed (%s); encoding one at a time", len(items), describe_error(e))
-                results = [self._run_model_safely(item) for item in items]
-        self._in_model += time.perf_counter() - started  # (the latents' copy to the host waits for the device)
+                launched = _Launched(items, [self._run_model_safely(item) for item in items])
+        self._in_model += time.perf_counter() - started
+        if self.config.run.write_behind:
+            launched, self._launched = self._launched, launched
+        if launched is not None:
+            yield self._land(launched, writer)
+
+    def _land_last(self, writer: ShardWriter) -> Iterator[Progress]:
+        """Writes the batch still in flight (the shard's last), before the shard commits."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            yield self._land(launched, writer)
+
+    def _land(self, launched: _Launched, writer: ShardWriter) -> Progress:
+        """Waits until a batch's latents are on the host, then writes them (or each item's error)."""
+        if launched.ready is not None:
+            started = time.perf_counter()
+            launched.ready.synchronize()  # (an error of the device's raises here: the shard's attempt fails)
+            self._in_model += time.perf_counter() - started
         frames = errors = 0
-        for item, result in zip(items, results):
+        for item, result in zip(launched.items, launched.results):
             if isinstance(result, Exception):
                 writer.add_error(item.raw.key, item.raw.index, f"encode failed: {describe_error(result)}", item.fields)
                 errors += 1
@@ -378,25 +411,36 @@ class ShardEncoder:
                 except ValueError as e:  # nothing of it was written
                     writer.add_error(item.raw.key, item.raw.index, str(e), item.fields)
                     errors += 1
-        return Progress(len(items), frames, errors)
+        return Progress(len(launched.items), frames, errors)
 
     def _run_model_safely(self, item: _Decoded) -> dict[str, torch.Tensor] | Exception:
         try:
-            return self._run_model([item])[0]
+            launched = self._run_model([item])
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            return launched.results[0]
         except Exception as e:
             return e
 
+    def _pinned(self) -> bool:
+        return self.device.type == "cuda" and self.config.run.pin_memory
+
     def _host_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """The clips stacked into one host tensor: on a GPU with `run.pin_memory`, into a page-locked
-        buffer kept for the batch's shape (one at a time). Reusing it is safe because each batch's
-        latents are copied back to the host, which waits for the stream, before the next is stacked."""
-        if self.device.type != "cuda" or not self.config.run.pin_memory:
+        """The clips stacked into one host tensor: on a GPU with `run.pin_memory`, into page-locked
+        memory from PyTorch's cache of it, which hands a block out again only once the copies from
+        it are done (the next batch is stacked while this one may still be on its way)."""
+        if not self._pinned():
             return torch.stack(pixels)
-        shape = (len(pixels), *pixels[0].shape)
-        if self._pinned is None or tuple(self._pinned.shape) != shape or self._pinned.dtype != pixels[0].dtype:
-            self._pinned = None  # freed before the next is allocated
-            self._pinned = torch.empty(shape, dtype=pixels[0].dtype, pin_memory=True)
-        return torch.stack(pixels, out=self._pinned)
+        out = torch.empty((len(pixels), *pixels[0].shape), dtype=pixels[0].dtype, pin_memory=True)
+        return torch.stack(pixels, out=out)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A result's copy on the host, in the stored dtype: from a GPU with `run.pin_memory`, into
+        page-locked memory without waiting (the batch's `ready` event says when it is there)."""
+        if not self._pinned():
+            return tensor.to("cpu", self.latent_dtype)
+        host = torch.empty(tensor.shape, dtype=self.latent_dtype, pin_memory=True)
+        return host.copy_(tensor, non_blocking=True)
 
     def _device_batch(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """The clips as one `B C T H W` batch in [-1, 1] on the device, in the model's dtype. uint8
@@ -410,7 +454,7 @@ class ShardEncoder:
         return signed_unit(x.to(self.device, non_blocking=True)).to(self.dtype)
 
     @torch.inference_mode()
-    def _run_model(self, items: list[_Decoded]) -> list[dict[str, torch.Tensor]]:
+    def _run_model(self, items: list[_Decoded]) -> _Launched:
         assert all(item.clip is not None for item in items)
         x = self._device_batch([item.clip.pixels for item in items])  # type: ignore[union-attr]
         if self.config.run.channels_last:
@@ -434,5 +478,9 @@ class ShardEncoder:
             tensors = {"latent": z[i]}
             if self.config.latents.store_posterior and posterior is not None:
                 tensors.update(mean=posterior.mean[i], logvar=posterior.logvar[i])
-            out.append({k: v.to("cpu", self.latent_dtype) for k, v in tensors.items()})
-        return out
+            out.append({k: self._to_host(v) for k, v in tensors.items()})
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event(blocking=True)  # (waited for asleep: the decoding processes get the CPU)
+            ready.record()
+        return _Launched(items, list(out), ready)
