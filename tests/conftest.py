@@ -65,16 +65,18 @@ def small_config(inputs: list[str], output: str | Path, **sections: dict) -> Job
     return config
 
 
-def in_process_encoder(config: JobConfig):  # -> (ShardEncoder, Plan)
+def in_process_encoder(config: JobConfig, first: int | None = None):  # -> (ShardEncoder, Plan)
     """The job's plan for `config`, its output prepared, and the `ShardEncoder` an actor would hold,
-    in this process (no Ray): for tests that look inside the encoder."""
+    in this process (no Ray): for tests that look inside the encoder. `first`: the index of the
+    plan's shard that the encoder reads while it starts, as the pool's first actors do."""
     from jobs.orchestration.driver import prepare_output
     from jobs.orchestration.settings import check_config, make_plan
     from jobs.orchestration.worker import ShardEncoder
 
     plan = make_plan(config, check_config(config), has_gpus=False)
     prepare_output(plan)
-    return ShardEncoder(plan.config, str(plan.root), plan.constants), plan
+    shard = None if first is None else plan.shards[first]
+    return ShardEncoder(plan.config, str(plan.root), plan.constants, first=shard), plan
 
 
 def encode_in_process(config: JobConfig) -> Path:

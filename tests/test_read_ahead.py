@@ -8,10 +8,13 @@ import torch
 from conftest import in_process_encoder, small_config
 
 from jobs.dataset.reader import load_sample, read_metadata
+from jobs.inputs.decode_pool import DecodePool
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import ShardReadError
+from jobs.orchestration import worker
 from jobs.orchestration.driver import run
 from jobs.orchestration.worker import ShardDone, ShardEncoder
+from vae import load_vae
 
 
 def _noting_submits(encoder: ShardEncoder) -> list[str]:
@@ -101,6 +104,40 @@ def test_a_next_shard_that_cannot_be_read_fails_its_own_attempt_only(demo_shards
         encoder.decoder.close()
 
 
+def test_an_encoder_decodes_its_first_shard_while_its_model_loads(demo_shards, tmp_path, monkeypatch):
+    submitted: list[str] = []
+    submit = DecodePool.submit
+
+    def noting(self, data, spec, key=""):  # type: ignore[no-untyped-def]
+        submitted.append(key)
+        return submit(self, data, spec, key)
+
+    monkeypatch.setattr(DecodePool, "submit", noting)
+    decoding_at_load: list[int] = []
+
+    def loading(*args, **kwargs):  # type: ignore[no-untyped-def]
+        decoding_at_load.append(len(submitted))
+        return load_vae(*args, **kwargs)
+
+    monkeypatch.setattr(worker, "load_vae", loading)
+    encoder, plan = in_process_encoder(small_config(demo_shards, tmp_path / "out"), first=0)
+    try:
+        assert decoding_at_load == [4]  # the shard's four samples were decoding when the model began to load
+        done = _done(encoder.encode_shard(plan.shards[0]))
+    finally:
+        encoder.decoder.close()
+    assert done.read_ahead == 4 and done.marker["ok"] == 4 and len(submitted) == len(set(submitted)) == 4
+
+
+@pytest.mark.slow
+def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shards, tmp_path, ray_cluster):
+    summary = run(small_config(demo_shards, tmp_path / "out", run={"workers": 2}))
+    assert summary.complete and summary.ok == 12
+    assert len(summary.actors) == 2
+    for actor in summary.actors.values():  # its first shard's four samples at least
+        assert actor["read_ahead"] >= 4
+
+
 @pytest.mark.slow
 def test_the_driver_hands_each_actor_its_next_shard_to_read_ahead(demo_shards, tmp_path, ray_cluster):
     reads = []
@@ -111,4 +148,4 @@ def test_the_driver_hands_each_actor_its_next_shard_to_read_ahead(demo_shards, t
         (actor,) = summary.actors.values()
         reads.append(actor["read_ahead"])
         assert actor["decode_wait_s"] > 0  # the first shard's decodes, at least
-    assert reads == [8, 0]  # the second and third shards, 4 samples each, were read ahead
+    assert reads == [12, 0]  # each shard: the first while the actor started, the others with the one before

@@ -23,13 +23,20 @@ if TYPE_CHECKING:
 class EncoderActor:
     """A `ShardEncoder` (`jobs/orchestration/worker.py`) whose decoding processes start first."""
 
-    def __init__(self, config: dict[str, Any], root: str, constants: dict[str, Any], allow_shell: bool = False) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        root: str,
+        constants: dict[str, Any],
+        allow_shell: bool = False,
+        first: Shard | None = None,
+    ) -> None:
         """`config` is `dataclasses.asdict` of the resolved `JobConfig`; the rest as `ShardEncoder`'s."""
         forkserver.start()  # a server that dies at once is started again by the pool, which says why if it cannot
         from jobs.orchestration.config import JobConfig, from_dict  # torch, beside the fork server's imports
         from jobs.orchestration.worker import ShardEncoder
 
-        self.encoder = ShardEncoder(from_dict(JobConfig, config), root, constants, allow_shell)
+        self.encoder = ShardEncoder(from_dict(JobConfig, config), root, constants, allow_shell, first)
 
     def ready(self) -> str:
         return self.encoder.ready()

@@ -80,7 +80,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     f"{total} samples, {n} workers, VAE {plan.config.vae.name} ({plan.config.vae.dtype})",
                     file=sys.stderr,
                 )
-                pool = EncoderPool(plan, n, resources.get("GPU", 0))
+                pool = EncoderPool(plan, n, resources.get("GPU", 0), first=pending)
                 bar = ProgressBar(
                     total.known, len(pending), uncounted=total.uncounted, log_every=config.run.progress_interval_s
                 )

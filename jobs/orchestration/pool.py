@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -64,9 +65,13 @@ class EncoderPool:
     An actor that dies is not reused: it is killed and replaced by a fresh one, which loads
     the model again. Replacements are bounded, so a node that kills every actor (a broken GPU,
     a model that cannot load) ends the job instead of looping.
+
+    With `run.read_ahead`, the first actors are each given one of `first`, the shards they will
+    encode first, and read it while they load their model (`ShardEncoder`'s `first`): `self.first`
+    says which actor that started holds which (`schedule` gives each its own first).
     """
 
-    def __init__(self, plan: Plan, count: int, gpus: float) -> None:
+    def __init__(self, plan: Plan, count: int, gpus: float, first: Sequence[Shard] = ()) -> None:
         run = plan.config.run
         options: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "max_restarts": 0, "max_concurrency": 1}
         if gpus:
@@ -77,18 +82,24 @@ class EncoderPool:
         self.replacements_left = count * run.max_attempts
         # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
         # placed would otherwise keep the job waiting forever).
-        waiting = {actor.ready.remote(): actor for actor in (self._new() for _ in range(count))}
+        firsts: list[Shard | None] = list(first[:count]) if run.read_ahead else []
+        firsts += [None] * (count - len(firsts))
+        waiting = {(actor := self._new(shard)).ready.remote(): (actor, shard) for shard in firsts}
         ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=run.actor_start_timeout)
         self.actors, devices, failures = [], [], []
+        self.first: dict[Any, Shard] = {}  # actor id -> the shard it read while it started
         for ref in ready:
+            actor, shard = waiting[ref]
             try:
                 devices.append(ray.get(ref))
-                self.actors.append(waiting[ref])
+                self.actors.append(actor)
+                if shard is not None:
+                    self.first[actor._actor_id] = shard
             except ray.exceptions.RayError as e:  # its constructor raised (a model that cannot load, ...)
                 failures.append(creation_error(e))
-                ray.kill(waiting[ref], no_restart=True)
+                ray.kill(actor, no_restart=True)
         for ref in late:
-            ray.kill(waiting[ref], no_restart=True)
+            ray.kill(waiting[ref][0], no_restart=True)
         if late:
             failures.append(f"{len(late)} not started within run.actor_start_timeout = {run.actor_start_timeout:g} s")
         if not self.actors:
@@ -113,8 +124,8 @@ class EncoderPool:
         """Starts `count` more actors (room appeared: a node joined); `(actor, its ready() ref)` each."""
         return self._start(count)
 
-    def _new(self) -> Any:
-        return self._remote.remote(*self._args)
+    def _new(self, first: Shard | None = None) -> Any:
+        return self._remote.remote(*self._args, first)
 
     def _start(self, count: int) -> list[tuple[Any, Any]]:
         fresh = [self._new() for _ in range(count)]
@@ -216,7 +227,9 @@ def creation_error(e: BaseException) -> str:
 
 def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
     """Runs every shard on the actor pool; retries a shard whose worker failed."""
-    queue = deque(shards)
+    # An actor's first shard is the one it read while it started (`EncoderPool.first`).
+    firsts = {shard.name for shard in pool.first.values()}
+    queue = deque(shard for shard in shards if shard.name not in firsts)
     attempts: Counter[str] = Counter()
     counted: Counter[str] = Counter()  # samples reported so far by a shard's current attempt
     frames: Counter[str] = Counter()
@@ -235,7 +248,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     # With `run.read_ahead`, an actor is handed its next shard with the one it encodes (it decodes the
     # next one's first samples ahead): actor id -> that shard, which no other actor is given while
     # there is other work (an actor with nothing else to do takes it over).
-    ahead: dict[Any, Shard] = {}
+    ahead: dict[Any, Shard] = dict(pool.first)
 
     def next_shard(actor: Any) -> Shard | None:
         shard = ahead.pop(actor._actor_id, None)

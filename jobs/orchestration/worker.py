@@ -148,9 +148,19 @@ class ShardEncoder:
         root: Output directory.
         constants: Column values shared by all rows (fingerprint, VAE identity).
         allow_shell: Whether `pipe:` sources may run their commands (the user opted in).
+        first: The shard this encoder will be given first (`run.read_ahead`): its first samples
+            are read and handed to the decoding processes before the model loads, so that they
+            decode while it loads.
     """
 
-    def __init__(self, config: JobConfig, root: str, constants: dict[str, Any], allow_shell: bool = False) -> None:
+    def __init__(
+        self,
+        config: JobConfig,
+        root: str,
+        constants: dict[str, Any],
+        allow_shell: bool = False,
+        first: Shard | None = None,
+    ) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         self.config = config
         self.root = root
@@ -167,14 +177,6 @@ class ShardEncoder:
         # own timeout would have fired, and the worker goes on.
         self.decoder = DecodePool(config.run.decode_threads, timeout=config.limits.decode_timeout_s + DECODE_GRACE_S)
         self.preset = get_preset(config.vae.name)  # resolved once (a diffusers folder reads its config.json)
-        self.model = load_vae(
-            self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
-        )
-        if config.run.channels_last:
-            channels_last(self.model)
-        if config.run.compile:
-            compile_encoder(self.model)
-        self.tiling = config.tiling()
         limits = config.limits
         self.request = clip_request(config, self.preset)
         self.clip_spec = ClipSpec(
@@ -201,6 +203,16 @@ class ShardEncoder:
         self._ahead: _Reading | None = None  # the shard read ahead (`then` of the last `encode_shard`)
         self._waited = 0.0  # seconds spent waiting for decodes during the current shard
         self._in_model = 0.0  # seconds spent in the model during the current shard
+        if first is not None and config.run.read_ahead:
+            self._read_ahead(first, limits.window_bytes)
+        self.model = load_vae(
+            self.preset, config.vae.checkpoint, device=self.device, dtype=self.dtype, seed=config.vae.seed
+        )
+        if config.run.channels_last:
+            channels_last(self.model)
+        if config.run.compile:
+            compile_encoder(self.model)
+        self.tiling = config.tiling()
 
     def ready(self) -> str:
         """Returns the device in use (lets the driver wait for the model to be loaded)."""
