@@ -1,5 +1,6 @@
 """`EncoderActor`: the decoding processes' fork server starts before the actor imports torch, so
-the two imports run side by side; and the actor then encodes like `ShardEncoder`."""
+the two imports run side by side (its arguments, as the pool builds them, import nothing heavy);
+and the actor then encodes like `ShardEncoder`, its first shard read while it started."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import small_config
 from jobs.dataset.catalog import read_commit
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.driver import prepare_output
+from jobs.orchestration.pool import actor_args
 from jobs.orchestration.settings import check_config, make_plan
 
 SCRIPT = """
@@ -41,6 +43,7 @@ from jobs.inputs.shards import Shard
 
 done = [m for m in actor.encode_shard(Shard(**json.load(open(sys.argv[2])))) if isinstance(m, ShardDone)]
 print("committed:", done[0].marker["ok"])
+print("read while the actor started:", done[0].read_ahead)
 """
 
 
@@ -49,7 +52,8 @@ def test_the_fork_server_starts_before_torch_is_imported_and_the_actor_encodes(t
     config = small_config(shards, tmp_path / "out")
     plan = make_plan(config, check_config(config), has_gpus=False)
     prepare_output(plan)
-    (tmp_path / "args.json").write_text(json.dumps([dataclasses.asdict(plan.config), str(plan.root), plan.constants]))
+    # as the pool creates its first actors: each is given the shard it will encode first
+    (tmp_path / "args.json").write_text(json.dumps(actor_args(plan, plan.shards[0])))
     (tmp_path / "shard.json").write_text(json.dumps(dataclasses.asdict(plan.shards[0])))
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "args.json"), str(tmp_path / "shard.json")],
@@ -62,3 +66,4 @@ def test_the_fork_server_starts_before_torch_is_imported_and_the_actor_encodes(t
     assert "torch after the import: False" in lines  # the actor's module is light
     assert "fork server at torch: True" in lines  # started first: its imports overlap the actor's
     assert "committed: 2" in lines and read_commit(plan.root, plan.shards[0].name) is not None
+    assert "read while the actor started: 2" in lines

@@ -4,8 +4,8 @@ Ray imports an actor's module, and its constructor's arguments, in a fresh worke
 `ShardEncoder`'s module imports torch (about a second), and so does the fork server its decoding
 processes are forked from. Started here, before that import, the fork server does its imports
 beside the actor's own instead of after them, and the actor's first shard does not wait for it.
-So this module imports nothing heavy, and the config comes as a plain dict (a `JobConfig`
-would import torch while Ray unpacks it).
+So this module imports nothing heavy, and the config and the first shard come as plain values (a
+`JobConfig` or a `Shard` would import torch while Ray unpacks them, before the fork server starts).
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ class EncoderActor:
         root: str,
         constants: dict[str, Any],
         allow_shell: bool = False,
-        first: Shard | None = None,
+        first: tuple[str, str] | None = None,
     ) -> None:
-        """`config` is `dataclasses.asdict` of the resolved `JobConfig`; the rest as `ShardEncoder`'s."""
+        """`config` is `dataclasses.asdict` of the resolved `JobConfig`, `first` the `(source, name)` of
+        `ShardEncoder`'s `first`; the rest as `ShardEncoder`'s."""
         forkserver.start()  # a server that dies at once is started again by the pool, which says why if it cannot
-        from jobs.orchestration.config import JobConfig, from_dict  # torch, beside the fork server's imports
+        from jobs.inputs.shards import Shard  # torch, beside the fork server's imports
+        from jobs.orchestration.config import JobConfig, from_dict
         from jobs.orchestration.worker import ShardEncoder
 
-        self.encoder = ShardEncoder(from_dict(JobConfig, config), root, constants, allow_shell, first)
+        shard = None if first is None else Shard(*first)
+        self.encoder = ShardEncoder(from_dict(JobConfig, config), root, constants, allow_shell, shard)
 
     def ready(self) -> str:
         return self.encoder.ready()

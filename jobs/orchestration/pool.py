@@ -78,7 +78,7 @@ class EncoderPool:
             options["num_gpus"] = 1
         self._remote = ray.remote(EncoderActor).options(**options)
         self.gpus = bool(gpus)  # GPU actors (one GPU each) or CPU ones, for the whole run
-        self._args = (dataclasses.asdict(plan.config), str(plan.root), plan.constants, plan.allow_shell)
+        self._plan = plan
         self.replacements_left = count * run.max_attempts
         # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
         # placed would otherwise keep the job waiting forever).
@@ -125,7 +125,7 @@ class EncoderPool:
         return self._start(count)
 
     def _new(self, first: Shard | None = None) -> Any:
-        return self._remote.remote(*self._args, first)
+        return self._remote.remote(*actor_args(self._plan, first))
 
     def _start(self, count: int) -> list[tuple[Any, Any]]:
         fresh = [self._new() for _ in range(count)]
@@ -145,6 +145,14 @@ class EncoderPool:
         gone = [actor.ready.remote() for actor in self.actors]  # each fails once its actor is dead
         ray.wait(gone, num_returns=len(gone), timeout=timeout)
         self.actors = []
+
+
+def actor_args(plan: Plan, first: Shard | None = None) -> tuple[Any, ...]:
+    """What an encoder actor's constructor is given: plain values only. Ray unpacks them before the
+    constructor runs, and a `JobConfig` or a `Shard` would import torch then, before the actor
+    starts its decoding processes' fork server (`jobs/orchestration/actor.py`)."""
+    shard = None if first is None else (first.source, first.name)
+    return dataclasses.asdict(plan.config), str(plan.root), plan.constants, plan.allow_shell, shard
 
 
 def node_resources() -> list[dict[str, float]]:
