@@ -9,6 +9,7 @@ scenario records one line; `pytest_terminal_summary` in conftest.py prints them 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -199,6 +200,20 @@ def test_a_second_job_on_the_same_directory_is_refused_while_the_first_runs(data
     assert second.returncode == 2 and f"another precompute job is writing to {out}" in second.stderr
     assert first.returncode == 0, stderr[-2000:]
     compare("two jobs on one directory", out, clean)
+
+
+def test_an_actor_slow_to_start_holds_up_no_other(data, clean, tmp_path):
+    """One of two actors takes two minutes longer to start (a slow node or disk): the other starts
+    the run at once and encodes every shard, and the job ends without waiting for the slow one."""
+    out = tmp_path / "out"
+    started = time.monotonic()
+    result = run(data, out, "--workers", "2", env={FAULT_ENV: f"slow-start@{tmp_path / 'fired'}"})
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert seconds < 100, f"the job waited for the slow actor: {seconds:.0f} s"
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["actors"]) == 1 and report["ok"] == SHARDS * 3
+    compare("an encoder actor slow to start", out, clean)
 
 
 def test_losing_a_worker_node_mid_run(data, clean, tmp_path):

@@ -1,4 +1,5 @@
-"""Fault injection for the failure tests: a crash or a full disk at a named point of a commit.
+"""Fault injection for the failure tests: a crash or a full disk at a named point of a commit, a
+slow commit or a slow actor start.
 
 Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's processes):
 
@@ -10,6 +11,8 @@ Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's 
                                                      a multipart upload to an object store
     LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
     LATENT_PRECOMPUTE_FAULT=slow-commit              each commit takes a second longer (a slow store)
+    LATENT_PRECOMPUTE_FAULT=slow-start@/tmp/once     an encoder actor's start takes two minutes longer (a
+                                                     slow node or disk); with @, only the first actor's
     LATENT_PRECOMPUTE_FAULT=before-marker@/tmp/once  the same, only the first time (the flag file
                                                      is created when it fires; later attempts pass)
 """
@@ -22,8 +25,9 @@ import signal
 import time
 
 FAULT_ENV = "LATENT_PRECOMPUTE_FAULT"
-POINTS = ("before-marker", "hang-before-marker", "mid-upload", "disk-full", "slow-commit")
-PAUSES = {"slow-commit": 1.0, "hang-before-marker": 600.0}  # seconds; the other points crash or fail
+POINTS = ("before-marker", "hang-before-marker", "mid-upload", "disk-full", "slow-commit", "slow-start")
+# seconds; the other points crash or fail
+PAUSES = {"slow-commit": 1.0, "hang-before-marker": 600.0, "slow-start": 120.0}
 
 
 def fault(point: str) -> None:

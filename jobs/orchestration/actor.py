@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from jobs.dataset.faults import fault
 from jobs.inputs import forkserver
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class EncoderActor:
     ) -> None:
         """`config` is `dataclasses.asdict` of the resolved `JobConfig`, `first` the `(source, name)` of
         `ShardEncoder`'s `first`; the rest as `ShardEncoder`'s."""
+        fault("slow-start")  # (the failure tests' slow node: off unless its environment asks)
         forkserver.start()  # a server that dies at once is started again by the pool, which says why if it cannot
         from jobs.inputs.shards import Shard  # torch, beside the fork server's imports
         from jobs.orchestration.config import JobConfig, from_dict

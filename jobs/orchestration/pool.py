@@ -66,9 +66,11 @@ class EncoderPool:
     the model again. Replacements are bounded, so a node that kills every actor (a broken GPU,
     a model that cannot load) ends the job instead of looping.
 
+    The run starts as soon as one of the first `count` actors is ready; `schedule` gives the others
+    shards as they become ready (`settle`), so a slow node or disk holds up only its own actor.
     With `run.read_ahead`, the first actors are each given one of `first`, the shards they will
     encode first, and read it while they load their model (`ShardEncoder`'s `first`): `self.first`
-    says which actor that started holds which (`schedule` gives each its own first).
+    says which actor holds which (`schedule` gives each its own first).
     """
 
     def __init__(self, plan: Plan, count: int, gpus: float, first: Sequence[Shard] = ()) -> None:
@@ -80,33 +82,64 @@ class EncoderPool:
         self.gpus = bool(gpus)  # GPU actors (one GPU each) or CPU ones, for the whole run
         self._plan = plan
         self.replacements_left = count * run.max_attempts
-        # Placed and loaded within the timeout: a pool of the ones that did (an actor that cannot be
-        # placed would otherwise keep the job waiting forever).
         firsts: list[Shard | None] = list(first[:count]) if run.read_ahead else []
         firsts += [None] * (count - len(firsts))
-        waiting = {(actor := self._new(shard)).ready.remote(): (actor, shard) for shard in firsts}
-        ready, late = ray.wait(list(waiting), num_returns=len(waiting), timeout=run.actor_start_timeout)
-        self.actors, devices, failures = [], [], []
-        self.first: dict[Any, Shard] = {}  # actor id -> the shard it read while it started
-        for ref in ready:
-            actor, shard = waiting[ref]
-            try:
-                devices.append(ray.get(ref))
-                self.actors.append(actor)
-                if shard is not None:
-                    self.first[actor._actor_id] = shard
-            except ray.exceptions.RayError as e:  # its constructor raised (a model that cannot load, ...)
-                failures.append(creation_error(e))
-                ray.kill(actor, no_restart=True)
-        for ref in late:
-            ray.kill(waiting[ref][0], no_restart=True)
-        if late:
-            failures.append(f"{len(late)} not started within run.actor_start_timeout = {run.actor_start_timeout:g} s")
-        if not self.actors:
-            raise RunFailed(f"no encoder actor could start: {failures[0]}")
-        if failures:
-            print(f"started {len(self.actors)} of {count} encoder actors; the others: {failures[0]}", file=sys.stderr)
-        where = ", ".join(f"{devices.count(d)} on {d}" for d in sorted(set(devices)))
+        self.actors: list[Any] = []  # every live actor, ready or starting
+        self.first: dict[Any, Shard] = {}  # actor id -> the shard it reads while it starts
+        # The first actors still starting: ready() ref -> actor. Each must be placed and loaded by
+        # `deadline` (an actor that cannot be placed would otherwise keep the job waiting forever).
+        self.starting: dict[Any, Any] = {}
+        for shard in firsts:
+            actor = self._new(shard)
+            self.actors.append(actor)
+            self.starting[actor.ready.remote()] = actor
+            if shard is not None:
+                self.first[actor._actor_id] = shard
+        self.deadline = time.monotonic() + run.actor_start_timeout
+        self._count, self._devices, self._failures = count, [], []  # of the first actors
+        self.ready: list[Any] = []  # the first actors ready when the pool is made
+        while self.starting and not self.ready:
+            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, self.deadline - time.monotonic()))
+            if not done:
+                for actor in list(self.starting.values()):
+                    self.expire(actor)
+            self.ready += [actor for actor in map(self.settle, done) if actor is not None]
+        if not self.ready:
+            raise RunFailed(f"no encoder actor could start: {self._failures[0]}")
+
+    def settle(self, ref: Any) -> Any | None:
+        """One of the first actors' `ready()` resolved: the actor if it is ready; else it is dropped,
+        with its reason, and None."""
+        actor = self.starting.pop(ref)
+        try:
+            self._devices.append(ray.get(ref))
+        except ray.exceptions.RayError as e:  # its constructor raised (a model that cannot load, ...)
+            self._failed(actor, creation_error(e))
+            return None
+        self._announce()
+        return actor
+
+    def expire(self, actor: Any) -> None:
+        """One of the first actors was not ready by `deadline` (no room to place it): dropped."""
+        self.starting = {ref: a for ref, a in self.starting.items() if a is not actor}
+        timeout = self._plan.config.run.actor_start_timeout
+        self._failed(actor, f"not started within run.actor_start_timeout = {timeout:g} s")
+
+    def _failed(self, actor: Any, reason: str) -> None:
+        self._failures.append(reason)
+        self.drop(actor)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Once each of the first actors is ready or has failed: how many started, and on what."""
+        if not self._devices or len(self._devices) + len(self._failures) < self._count:
+            return
+        if self._failures:
+            print(
+                f"started {len(self._devices)} of {self._count} encoder actors; the others: {self._failures[0]}",
+                file=sys.stderr,
+            )
+        where = ", ".join(f"{self._devices.count(d)} on {d}" for d in sorted(set(self._devices)))
         print(f"encoder actors ready: {where}", file=sys.stderr)
 
     def replace(self, actor: Any) -> tuple[Any, Any] | None:
@@ -242,9 +275,11 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     counted: Counter[str] = Counter()  # samples reported so far by a shard's current attempt
     frames: Counter[str] = Counter()
     errored: Counter[str] = Counter()
-    idle = list(pool.actors)
+    idle = list(pool.ready)
     running: dict[Any, tuple[Any, Shard]] = {}
-    starting: dict[Any, tuple[Any, float]] = {}  # replacements being placed: ready() ref -> (actor, deadline)
+    # Actors being placed and loaded: ready() ref -> (actor, deadline); the pool's first ones that were
+    # not ready when it was made, then replacements and actors for nodes that joined.
+    starting: dict[Any, tuple[Any, float]] = {ref: (actor, pool.deadline) for ref, actor in pool.starting.items()}
     timeout = plan.config.run.actor_start_timeout
     labels: dict[Any, str] = {}  # actor id -> "w0", "w1", ... (a replacement gets a new one)
     dispatched: dict[str, float] = {}  # shard -> when its current attempt started
@@ -293,6 +328,12 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
         ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
         for ref in [r for r in ready if r in starting]:
             actor, _ = starting.pop(ref)
+            if ref in pool.starting:  # one of the first actors (the pool says how they all started)
+                if pool.settle(ref) is not None:
+                    idle.append(actor)
+                else:
+                    forget_ahead(actor)
+                continue
             try:
                 ray.get(ref)
                 idle.append(actor)
@@ -301,8 +342,12 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 pool.drop(actor)
         for ref, (actor, deadline) in list(starting.items()):
             if time.monotonic() > deadline:  # no room left for it (a node was lost): the others go on
-                log.warning("a replacement encoder actor was not placed within %g s; going on without it", timeout)
                 del starting[ref]
+                forget_ahead(actor)
+                if ref in pool.starting:
+                    pool.expire(actor)
+                    continue
+                log.warning("a replacement encoder actor was not placed within %g s; going on without it", timeout)
                 pool.drop(actor)
         for gen in [r for r in ready if r in running]:
             actor, shard = running[gen]
