@@ -85,6 +85,33 @@ def test_terminal_line_is_redrawn_in_place_at_the_refresh_rate():
     assert text.split("\r\x1b[K")[-1].startswith("10/10 samples 100.0% |########################|")
 
 
+def test_a_note_on_a_terminal_takes_a_line_above_the_bar_which_is_redrawn():
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    stream = os.fdopen(slave, "w")
+    try:
+        bar = ProgressBar(total=10, shards=1, stream=stream, refresh=1.0, log_every=10.0, clock=Clock())
+        bar.update(samples=3)
+        bar.note("encoder actors ready: 2 on cpu")
+        stream.flush()
+        out = b""
+        while select.select([master], [], [], 0.5)[0]:
+            out += os.read(master, 65536)
+    finally:
+        stream.close()
+        os.close(master)
+    bar_line, note, again = out.decode().split("\r\x1b[K")[1:]
+    assert bar_line.startswith("3/10 samples") and "\n" not in bar_line
+    assert note == "encoder actors ready: 2 on cpu\n" and again.startswith("3/10 samples")
+
+
+def test_a_note_in_a_log_is_a_line_of_its_own():
+    stream = io.StringIO()
+    bar = ProgressBar(total=10, shards=1, stream=stream, log_every=10.0, clock=Clock())
+    bar.note("the cluster grew: starting 2 more encoder actors")
+    assert stream.getvalue() == "the cluster grew: starting 2 more encoder actors\n"
+
+
 def _pending_lines(lines: list[str]) -> list[str]:
     return [line for line in lines if (m := re.search(r"shards (\d+)/(\d+)", line)) and m[1] != m[2]]
 

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -81,6 +81,7 @@ class EncoderPool:
         self._remote = ray.remote(EncoderActor).options(**options)
         self.gpus = bool(gpus)  # GPU actors (one GPU each) or CPU ones, for the whole run
         self._plan = plan
+        self.say: Callable[[str], None] = _to_stderr  # where its lines go (`schedule`: the progress bar's `note`)
         self.replacements_left = count * run.max_attempts
         firsts: list[Shard | None] = list(first[:count]) if run.read_ahead else []
         firsts += [None] * (count - len(firsts))
@@ -106,6 +107,9 @@ class EncoderPool:
             self.ready += [actor for actor in map(self.settle, done) if actor is not None]
         if not self.ready:
             raise RunFailed(f"no encoder actor could start: {self._failures[0]}")
+        if self.starting:
+            more = len(self.starting)
+            self.say(f"encoder actors ready: {self._where()}; {more} more starting, each given shards once ready")
 
     def settle(self, ref: Any) -> Any | None:
         """One of the first actors' `ready()` resolved: the actor if it is ready; else it is dropped,
@@ -127,7 +131,10 @@ class EncoderPool:
 
     def _failed(self, actor: Any, reason: str) -> None:
         self._failures.append(reason)
+        self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
         self.drop(actor)
+        if self._devices:  # the run has started: said now, not only once the other first actors are up
+            self.say(f"an encoder actor failed to start: {reason}")
         self._announce()
 
     def _announce(self) -> None:
@@ -135,12 +142,11 @@ class EncoderPool:
         if not self._devices or len(self._devices) + len(self._failures) < self._count:
             return
         if self._failures:
-            print(
-                f"started {len(self._devices)} of {self._count} encoder actors; the others: {self._failures[0]}",
-                file=sys.stderr,
-            )
-        where = ", ".join(f"{self._devices.count(d)} on {d}" for d in sorted(set(self._devices)))
-        print(f"encoder actors ready: {where}", file=sys.stderr)
+            self.say(f"started {len(self._devices)} of {self._count} encoder actors; the others: {self._failures[0]}")
+        self.say(f"encoder actors ready: {self._where()}")
+
+    def _where(self) -> str:
+        return ", ".join(f"{self._devices.count(d)} on {d}" for d in sorted(set(self._devices)))
 
     def replace(self, actor: Any) -> tuple[Any, Any] | None:
         """Kills a failed actor and starts a new one: `(actor, its ready() ref)`, to be given shards
@@ -178,6 +184,10 @@ class EncoderPool:
         gone = [actor.ready.remote() for actor in self.actors]  # each fails once its actor is dead
         ray.wait(gone, num_returns=len(gone), timeout=timeout)
         self.actors = []
+
+
+def _to_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def actor_args(plan: Plan, first: Shard | None = None) -> tuple[Any, ...]:
@@ -268,6 +278,7 @@ def creation_error(e: BaseException) -> str:
 
 def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
     """Runs every shard on the actor pool; retries a shard whose worker failed."""
+    pool.say = bar.note
     # An actor's first shard is the one it read while it started (`EncoderPool.first`).
     firsts = {shard.name for shard in pool.first.values()}
     queue = deque(shard for shard in shards if shard.name not in firsts)
@@ -313,7 +324,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
             room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
             extra = min(room, len(queue))
             if extra > 0:
-                print(f"the cluster grew: starting {extra} more encoder actors", file=sys.stderr)
+                bar.note(f"the cluster grew: starting {extra} more encoder actors")
                 for actor, ref in pool.grow(extra):
                     starting[ref] = (actor, time.monotonic() + timeout)
         while idle and (shard := next_shard(idle[-1])) is not None:
@@ -416,6 +427,8 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                     queue.clear()  # the shards running now finish and commit; the rest wait for a rerun
                     ahead.clear()
         bar.update()
+    if pool.starting:
+        bar.note(f"{len(pool.starting)} encoder actors were still starting when the work ran out")
     for shard in [*queue, *ahead.values()]:  # only when every actor died and none could replace it
         summary.failed[shard.name] = "no encoder actor left (each one died or could not be placed; see the Ray logs)"
 

@@ -143,6 +143,14 @@ class ProgressBar:
             self.stream.write(self.line() + (f" | per actor: {actors}" if actors else "") + "\n")
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own amid the progress lines (on a terminal: above the bar, which is redrawn)."""
+        self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        if self.tty:
+            self._draw()
+        else:
+            self.stream.flush()
+
     def close(self) -> None:
         self._draw()
         if self.tty:
