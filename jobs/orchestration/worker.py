@@ -225,6 +225,7 @@ class ShardEncoder:
         all read, the first of `then`'s are read and handed to the decoding processes, so that they
         decode while the last batches of `shard` encode and commit, and the model does not wait for
         them when `then` starts. A next call with another shard drops what was read ahead."""
+        assert self._launched is None, "a batch of the last shard is still in flight"  # (landed or dropped)
         reading, self._ahead = self._ahead, None
         if reading is not None and reading.shard != shard:
             reading.discard()
