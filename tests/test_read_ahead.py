@@ -3,10 +3,16 @@ shard's first samples while it finishes the current one, and the output is the s
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import in_process_encoder, small_config
 
+from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import load_sample, read_metadata
 from jobs.inputs.decode_pool import DecodePool
 from jobs.inputs.shards import Shard
@@ -130,11 +136,25 @@ def test_an_encoder_decodes_its_first_shard_while_its_model_loads(demo_shards, t
 
 
 @pytest.mark.slow
-def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shards, tmp_path, ray_cluster):
-    summary = run(small_config(demo_shards, tmp_path / "out", run={"workers": 2}))
-    assert summary.complete and summary.ok == 12
-    assert len(summary.actors) == 2
-    for actor in summary.actors.values():  # its first shard's four samples at least
+def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shards, tmp_path):
+    """Two actors, three shards; the job in a process of its own, its embedded Ray cluster slowed by a
+    second per commit (`slow-commit`), so that the first actor ready does not finish the other's first
+    shard before that one is ready too (the run starts with the first actor ready)."""
+    out = tmp_path / "out"
+    args = ["--input", f"{demo_shards[0].parent}/*.tar", "--output", str(out), "--workers", "2"]
+    for setting in ("run.batch_size=2", "video.num_frames=8", "video.height=64", "video.width=64"):
+        args += ["--set", setting]
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.precompute", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, FAULT_ENV: "slow-commit"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["ok"] == 12 and len(report["actors"]) == 2
+    for actor in report["actors"].values():  # its first shard's four samples at least
         assert actor["read_ahead"] >= 4
 
 
