@@ -102,8 +102,8 @@ class EncoderPool:
         while self.starting and not self.ready:
             done, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, self.deadline - time.monotonic()))
             if not done:
-                for actor in list(self.starting.values()):
-                    self.expire(actor)
+                for ref in list(self.starting):
+                    self.expire(ref)
             self.ready += [actor for actor in map(self.settle, done) if actor is not None]
         if not self.ready:
             raise RunFailed(f"no encoder actor could start: {self._failures[0]}")
@@ -123,9 +123,10 @@ class EncoderPool:
         self._announce()
         return actor
 
-    def expire(self, actor: Any) -> None:
-        """One of the first actors was not ready by `deadline` (no room to place it): dropped."""
-        self.starting = {ref: a for ref, a in self.starting.items() if a is not actor}
+    def expire(self, ref: Any) -> None:
+        """One of the first actors (its `ready()` ref) was not ready by `deadline` (no room to place
+        it): dropped."""
+        actor = self.starting.pop(ref)
         timeout = self._plan.config.run.actor_start_timeout
         self._failed(actor, f"not started within run.actor_start_timeout = {timeout:g} s")
 
@@ -356,7 +357,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 del starting[ref]
                 forget_ahead(actor)
                 if ref in pool.starting:
-                    pool.expire(actor)
+                    pool.expire(ref)
                     continue
                 log.warning("a replacement encoder actor was not placed within %g s; going on without it", timeout)
                 pool.drop(actor)
