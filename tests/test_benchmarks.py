@@ -56,7 +56,8 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     for name in ("decode, 1 thread", "encode, batch 4", "baseline: single-process loop", "job, end to end"):
         assert by_name[name]["frames"] == 8 * 40, name  # every clip, 40 frames each (each video is long enough)
     assert by_name["job, end to end"]["clips"] == by_name["job, float32 host frames"]["clips"] == 8
-    assert by_name["job, end to end"]["decode_wait_s"] > 0  # the first batch waits for its decodes, at least
+    job = by_name["job, end to end"]  # where its actor's time went (the first shard may wait for nothing)
+    assert job["decode_wait_s"] >= 0 and 0 < job["model_share"] < 1 and job["model_share"] + job["wait_share"] <= 1
     text = readme.read_text()
     assert "of the bound (target 0.9)" in text and "2 per shard" not in text and "4 per shard" in text
     assert "`video.resize: decoder`" in text and "| job, float32 host frames |" in text

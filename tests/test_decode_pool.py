@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,3 +102,33 @@ def test_a_fork_server_killed_and_reaped_is_started_afresh(pool):
     for i in range(3):
         assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
     assert forkserver._forkserver._forkserver_pid not in (None, server)
+
+
+MAIN_SCRIPT = """
+import os, sys
+if __name__ != "__main__":  # run again as `__mp_main__`, by a child process, before its work
+    with open(os.environ["IMPORTED_AS"], "a") as f:
+        f.write(__name__ + "\\n")
+else:
+    from jobs.demo_data import demo_sample
+    from jobs.inputs.decode_pool import ClipSpec, DecodePool
+    from jobs.inputs.sampling import ClipRequest
+
+    pool = DecodePool(2, timeout=60)
+    clips = [pool.submit(demo_sample(0, i)["mp4"], ClipSpec(ClipRequest(2, 32, 32))) for i in range(4)]
+    print(sum(c.result()[0].pixels.shape[1] for c in clips))
+    pool.close()
+"""
+
+
+def test_a_decoding_process_does_not_run_the_parents_main_module(tmp_path):
+    """multiprocessing would have each decoding process run its parent's main module first (in an
+    encoder actor, Ray's worker script, which imports all of ray: 0.4 s per process); a decoding
+    process needs nothing of it. The parent here is a script that notes each such run."""
+    script, noted = tmp_path / "main.py", tmp_path / "imported_as.txt"
+    script.write_text(MAIN_SCRIPT)
+    env = {**os.environ, "IMPORTED_AS": str(noted), "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8"]  # the four samples decoded, two frames each
+    assert not noted.exists(), noted.read_text()

@@ -160,12 +160,13 @@ def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shard
 
 @pytest.mark.slow
 def test_the_driver_hands_each_actor_its_next_shard_to_read_ahead(demo_shards, tmp_path, ray_cluster):
-    reads = []
+    reads, waits = [], []
     for ahead in (True, False):
         config = small_config(demo_shards, tmp_path / f"out-{ahead}", run={"workers": 1, "read_ahead": ahead})
         summary = run(config)
         assert summary.complete and summary.ok == 12
         (actor,) = summary.actors.values()
         reads.append(actor["read_ahead"])
-        assert actor["decode_wait_s"] > 0  # the first shard's decodes, at least
+        waits.append(actor["decode_wait_s"])
     assert reads == [12, 0]  # each shard: the first while the actor started, the others with the one before
+    assert waits[1] > 0  # without reading ahead, the model waits for each shard's first decodes at least

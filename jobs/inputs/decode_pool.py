@@ -20,10 +20,13 @@ import multiprocessing as mp
 import multiprocessing.forkserver
 import os
 import queue
+import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -126,6 +129,28 @@ def _forget_fork_server() -> None:
         server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
 
 
+_STARTING = threading.Lock()  # one `_without_main_module` at a time
+
+
+@contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Hides the parent's main module while a decoding process is started.
+
+    multiprocessing has every child it starts run the parent's main module first, so that it can
+    unpickle what that module defines. In an encoder actor that is Ray's `default_worker.py`, which
+    imports all of ray: each decoding process took about 0.4 s to start on two cores, and the
+    actor's first samples waited for it. A decoding process needs nothing of it (`_child` and its
+    arguments are defined in this package), so a bare module stands in for the main one meanwhile.
+    """
+    with _STARTING:
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
+
+
 class _Slot:
     """One child process and the thread that feeds it tasks."""
 
@@ -148,7 +173,8 @@ class _Slot:
             parent, child = CONTEXT.Pipe()
             process = CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
             try:
-                process.start()
+                with _without_main_module():
+                    process.start()
             except (OSError, EOFError) as e:  # ChildProcessError, ConnectionRefusedError, a closed pipe
                 parent.close()
                 child.close()
