@@ -14,6 +14,7 @@ from conftest import in_process_encoder, small_config
 
 from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import load_sample, read_metadata
+from jobs.demo_data import write_demo_dataset
 from jobs.inputs.decode_pool import DecodePool
 from jobs.inputs.shards import Shard
 from jobs.inputs.tar_samples import ShardReadError
@@ -75,6 +76,34 @@ def test_the_next_shard_is_decoding_before_this_one_commits_and_the_output_is_th
     assert rows[0] == rows[1] and [r["status"] for r in rows[0]] == ["ok"] * 12
     for row in rows[0]:
         assert torch.equal(load_sample(outputs[0], row)["latent"], load_sample(outputs[1], row)["latent"])
+
+
+def test_the_decoding_processes_hold_a_full_window_whenever_the_model_encodes(tmp_path):
+    """A sample leaves the decode window only for the next one to take its place: while the model
+    encodes a batch, the decoding processes hold the next `batch_size + 2 * decode_threads` samples
+    (a window drained of every decoded sample before each batch left them idle while the model ran,
+    and the model then waited for the next batch's decodes)."""
+    (shard,) = write_demo_dataset(tmp_path / "in", shards=1, samples_per_shard=16, seed=0)
+    encoder, plan = in_process_encoder(small_config([shard], tmp_path / "out"))  # batches of 2, 2 processes
+    submitted, resolved, outstanding = _noting_submits(encoder), [], []
+    resolve, run_model = encoder._resolve, encoder._run_model
+
+    def noting_resolve(pending):  # type: ignore[no-untyped-def]
+        resolved.append(pending.raw.key)
+        return resolve(pending)
+
+    def noting_run_model(items):  # type: ignore[no-untyped-def]
+        outstanding.append(len(submitted) - len(resolved))  # handed to the decoding processes, not yet taken
+        return run_model(items)
+
+    encoder._resolve, encoder._run_model = noting_resolve, noting_run_model  # type: ignore[method-assign]
+    try:
+        assert _done(encoder.encode_shard(plan.shards[0])).marker["ok"] == 16
+    finally:
+        encoder.decoder.close()
+    depth = 2 + 2 * 2
+    # Batch j is encoded once sample 2j + depth is read: each of the first (16 - depth) / 2, then the tail.
+    assert outstanding == [depth] * 5 + [4, 2, 0]
 
 
 def test_a_shard_read_ahead_but_not_given_next_is_dropped_and_read_again_when_it_comes(demo_shards, tmp_path):

@@ -307,8 +307,10 @@ class ShardEncoder:
 
         for raw in reading.samples:
             self._admit(reading, raw)
-            # Bounded in samples and in bytes (a sample over the byte budget is decoded alone).
-            while window and (len(window) > depth or reading.held > limits.window_bytes or window[0].done()):
+            # The window is kept full, bounded in samples and in bytes (a sample over the byte budget
+            # is decoded alone): a sample leaves it only for one to take its place, so that the
+            # decoding processes always hold the next batches' samples while the model encodes.
+            while window and (len(window) > depth or reading.held > limits.window_bytes):
                 pending = window.popleft()
                 reading.held -= pending.nbytes
                 yield from finish(self._resolve(pending))
