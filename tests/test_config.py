@@ -63,6 +63,13 @@ def test_validate():
     config.latents.dtype = "float64"
     with pytest.raises(ValueError, match="latents.dtype must be one of"):
         config.validate()
+    config.latents.dtype = "float32"
+    for nice in (-1, 20):
+        config.run.decode_nice = nice
+        with pytest.raises(ValueError, match=re.escape(f"run.decode_nice must be 0 to 19 (or null: auto); got {nice}")):
+            config.validate()
+    config.run.decode_nice = 0
+    config.validate()
 
 
 def test_fingerprint_is_stable_and_order_free():

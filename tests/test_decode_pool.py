@@ -6,16 +6,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import in_process_encoder, small_config
 
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes
 from jobs.inputs.decode_pool import ClipSpec, DecodePool
 from jobs.inputs.sampling import ClipRequest
-from jobs.inputs.video import VideoError, read_clip
+from jobs.inputs.video import DecodeLimits, VideoError, read_clip
 
 
 def spec(num_frames: int, height: int, width: int) -> ClipSpec:
@@ -132,3 +134,58 @@ def test_a_decoding_process_does_not_run_the_parents_main_module(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8"]  # the four samples decoded, two frames each
     assert not noted.exists(), noted.read_text()
+
+
+def test_the_decoding_processes_run_at_the_pools_lower_priority():
+    pool = DecodePool(2, timeout=60, nice=7)
+    try:
+        assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        for slot in pool._slots:
+            assert os.getpriority(os.PRIO_PROCESS, slot.process.pid) == min(19, ours + 7)
+    finally:
+        pool.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="the kernel does not say")
+def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one():
+    """A decoding process at the lowest priority, on one CPU beside a busy process: it waits far past
+    its time limit for the CPU, and yet its sample decodes (its limit, in the process and in the
+    pool, counts only the time it could run), while a decode that hangs is still ended on time
+    (`test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes`)."""
+    data = demo_sample(0, 0, scale=4)["mp4"]  # about 40 ms of decoding
+    within = ClipSpec(ClipRequest(16, 64, 64), DecodeLimits(timeout=0.5))
+    pool = DecodePool(1, timeout=0.5, nice=19)
+    busy = None
+    try:
+        assert pool.submit(data, within).result()  # the process started
+        cpu = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(pool._slots[0].process.pid, {cpu})
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        os.sched_setaffinity(busy.pid, {cpu})
+        time.sleep(0.2)
+        started = time.monotonic()
+        (clip,) = pool.submit(data, within).result()
+        assert time.monotonic() - started > 1.0  # kept waiting past its limit
+        assert clip.pixels.shape == (3, 16, 64, 64)
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+        pool.close()
+
+
+def test_an_encoder_on_the_cpu_decodes_at_the_lowest_priority_unless_told(demo_shards, tmp_path):
+    """On the CPU the model and the decoders share the cores: the decoders take what the model leaves
+    (`run.decode_nice` null); a number given is used as it is."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, expected in ((None, 19), (3, min(19, ours + 3))):
+        encoder, plan = in_process_encoder(
+            small_config(demo_shards, tmp_path / f"out-{nice}", run={"decode_nice": nice})
+        )
+        try:
+            assert encoder.decoder.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+            for slot in encoder.decoder._slots:
+                assert os.getpriority(os.PRIO_PROCESS, slot.process.pid) == expected
+        finally:
+            encoder.decoder.close()

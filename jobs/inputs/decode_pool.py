@@ -22,7 +22,6 @@ import os
 import queue
 import sys
 import threading
-import time
 import types
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -37,7 +36,7 @@ import torch
 
 from jobs.inputs.forkserver import CONTEXT  # children come from a clean fork server
 from jobs.inputs.sampling import ClipPlan, ClipRequest, ResizeMode
-from jobs.inputs.video import Clip, DecodeLimits, FrameSizeChanged, VideoError, VideoFile, VideoInfo
+from jobs.inputs.video import Clip, DecodeLimits, FrameSizeChanged, RunClock, VideoError, VideoFile, VideoInfo
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
@@ -56,11 +55,12 @@ def clip_nbytes(plan: ClipPlan, uint8: bool) -> int:
     return plan.nbytes // 4 if uint8 else plan.nbytes  # `nbytes` counts float32
 
 
-def _child(conn: Connection) -> None:
+def _child(conn: Connection, nice: int) -> None:
     """A decoding process: (bytes, spec, key) in; ("plan", (plans, uint8 flags)) out, a shared memory
     name in, then ("ok", info) out, or the plan again in float32 (a frame changed size) and so on;
     or ("video", reason) out at any step."""
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
+    os.nice(nice)
     while True:
         try:
             data, spec, key = conn.recv()
@@ -171,7 +171,9 @@ class _Slot:
         """
         for attempt in (1, 2):
             parent, child = CONTEXT.Pipe()
-            process = CONTEXT.Process(target=_child, args=(child,), name=f"decode-{self.number}", daemon=True)
+            process = CONTEXT.Process(
+                target=_child, args=(child, self.pool.nice), name=f"decode-{self.number}", daemon=True
+            )
             try:
                 with _without_main_module():
                     process.start()
@@ -219,9 +221,9 @@ class _Slot:
             self._stop()
             self._start()
         assert self.conn is not None
-        deadline = time.monotonic() + self.pool.timeout
+        clock = RunClock(self.process.pid)  # the sample's time, less the time its process waited for a CPU
         self.conn.send((data, spec, key))
-        kind, payload = self._receive(deadline)
+        kind, payload = self._receive(clock)
         shm: SharedMemory | None = None
         try:
             while kind == "plan":  # again, in float32, where a frame changed size mid-clip
@@ -230,7 +232,7 @@ class _Slot:
                 plans, uint8 = payload
                 shm = SharedMemory(create=True, size=max(1, sum(map(clip_nbytes, plans, uint8))))
                 self.conn.send(shm.name)
-                kind, payload = self._receive(deadline)
+                kind, payload = self._receive(clock)
             if kind == "video":
                 raise VideoError(payload)
             assert shm is not None
@@ -240,9 +242,11 @@ class _Slot:
             if shm is not None:
                 _free(shm)
 
-    def _receive(self, deadline: float) -> tuple[str, Any]:
+    def _receive(self, clock: RunClock) -> tuple[str, Any]:
         assert self.conn is not None
-        if not self.conn.poll(max(0.0, deadline - time.monotonic())):
+        while not self.conn.poll(max(0.0, self.pool.timeout - clock.seconds())):
+            if clock.seconds() < self.pool.timeout:  # it waited for a CPU meanwhile: that time is not its own
+                continue
             self._stop()  # killed: the hang (or the slow decode) ends here; a fresh process takes the next
             raise VideoError(
                 f"decoding did not finish within {self.pool.timeout:g} s (limits.decode_timeout_s); "
@@ -260,12 +264,16 @@ class DecodePool:
 
     Args:
         processes: Child processes (and decodes at a time).
-        timeout: Seconds a sample may take from the moment its process starts on it; then the
-            process is killed and the sample fails with `VideoError`.
+        timeout: Seconds a sample may take from the moment its process starts on it, less the time
+            the process waits for a CPU; then the process is killed and the sample fails with
+            `VideoError`.
+        nice: How much lower than the caller's the processes' CPU priority is (0 to 19): beside a
+            model on the same cores, they then decode in the time it leaves.
     """
 
-    def __init__(self, processes: int, timeout: float) -> None:
+    def __init__(self, processes: int, timeout: float, nice: int = 0) -> None:
         self.timeout = timeout
+        self.nice = nice
         self._tasks: queue.Queue[tuple[bytes, ClipSpec, str, Future[list[Clip]]] | None] = queue.Queue()
         self._slots = [_Slot(self, i) for i in range(processes)]
 

@@ -84,6 +84,31 @@ class FrameSizeChanged(VideoError):
     from the first frame's. The clip is decoded again in float32."""
 
 
+def waited_for_cpu(pid: int | None = None) -> float:
+    """Seconds a thread has been ready to run but kept waiting for a CPU: this thread's (None), or the
+    main thread of process `pid` (Linux's schedstat); 0.0 where the kernel does not say."""
+    try:
+        with open("/proc/thread-self/schedstat" if pid is None else f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class RunClock:
+    """The seconds a thread could run since the clock started: the wall time less the time it was
+    kept waiting for a CPU. A decode's time limit is counted on it, so that a decoding process kept
+    waiting by the model (they run at a lower priority, `run.decode_nice`) is not taken for slow,
+    while one that hangs, spinning or blocked, is still stopped on time."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self.started = time.monotonic()
+        self.waited = waited_for_cpu(pid)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started - max(0.0, waited_for_cpu(self.pid) - self.waited)
+
+
 @dataclass(frozen=True)
 class DecodeLimits:
     """What decoding one sample may cost; over a limit, the sample is an error row naming it."""
@@ -172,7 +197,7 @@ class VideoFile:
     def __init__(self, data: bytes, limits: DecodeLimits = DecodeLimits()) -> None:
         self.data = data
         self.limits = limits
-        self.started = time.monotonic()
+        self.clock = RunClock()
         self.frames_decoded = 0  # by `decode`, over all clips (seeking keeps it near the clips' lengths)
         self.format = container_format(data)
         if self.format is None:
@@ -292,7 +317,7 @@ class VideoFile:
 
     def _check_time(self, decoded: int) -> None:
         t = self.limits.timeout
-        if t is not None and time.monotonic() - self.started > t:
+        if t is not None and time.monotonic() - self.clock.started > t and self.clock.seconds() > t:
             raise VideoError(f"decoding took over {t:g} s ({decoded} frames; limits.decode_timeout_s)")
 
     def clips(self, request: ClipRequest, key: str = "") -> list[ClipPlan]:
