@@ -14,8 +14,9 @@ Measures, on the same clips, VAE and cores:
 - end to end: the real job (`jobs.orchestration.driver.run`) on an embedded Ray cluster, Ray's
   start-up timed apart; then again with each technique of `--techniques` turned off (`compile`
   turned on): pinned host memory, uint8 host frames, batches of a bucket, parallel decoding,
-  decoding the next shard's first samples while a shard finishes, freed host memory kept for reuse;
-  each job row says where its actor's time went (the model, waiting for decoding, the rest);
+  decoding the next shard's first samples while a shard finishes, freed host memory kept for reuse,
+  decoding processes below the model's CPU priority; each job row says where its actor's time went
+  (the model, waiting for decoding, the rest);
 - baseline "loop": one process decoding, encoding and saving each clip as a trainer's caching
   script does;
 - baseline "ray-data": Ray Data's `read_webdataset` -> decode -> `map_batches` with VAE actors ->
@@ -167,6 +168,7 @@ TECHNIQUES = {
     "float-frames": ("job, float32 host frames", {"uint8_frames": False}),
     "batch-1": ("job, batch 1", {"batch_size": 1}),
     "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
+    "equal-priority": ("job, decoding at the model's CPU priority", {"decode_nice": 0}),
     "no-read-ahead": ("job, no read-ahead across shards", {"read_ahead": False}),
     "default-malloc": ("job, glibc's default allocator thresholds", {"reuse_host_memory": False}),
     "compile": ("job, compiled encoder", {"compile": True}),
