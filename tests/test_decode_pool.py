@@ -136,26 +136,37 @@ def test_a_decoding_process_does_not_run_the_parents_main_module(tmp_path):
     assert not noted.exists(), noted.read_text()
 
 
+def _priorities(pool: DecodePool, expected: int) -> list[int]:
+    """The pool's processes' priorities, once each has started and set its own (or 10 s passed)."""
+    deadline = time.monotonic() + 10
+    while True:
+        pids = [slot.process.pid for slot in pool._slots if slot.process is not None]
+        found = [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids]
+        if (len(pids) == len(pool._slots) and set(found) == {expected}) or time.monotonic() > deadline:
+            return found
+
+
 def test_the_decoding_processes_run_at_the_pools_lower_priority():
     pool = DecodePool(2, timeout=60, nice=7)
     try:
         assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
-        ours = os.getpriority(os.PRIO_PROCESS, 0)
-        for slot in pool._slots:
-            assert os.getpriority(os.PRIO_PROCESS, slot.process.pid) == min(19, ours + 7)
+        expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
+        assert _priorities(pool, expected) == [expected, expected]
     finally:
         pool.close()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="the kernel does not say")
-def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one():
+@pytest.mark.skipif(os.getpriority(os.PRIO_PROCESS, 0) >= 10, reason="no room below this process's priority")
+def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one_within_bounds():
     """A decoding process at the lowest priority, on one CPU beside a busy process: it waits far past
     its time limit for the CPU, and yet its sample decodes (its limit, in the process and in the
-    pool, counts only the time it could run), while a decode that hangs is still ended on time
-    (`test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes`)."""
-    data = demo_sample(0, 0, scale=4)["mp4"]  # about 40 ms of decoding
-    within = ClipSpec(ClipRequest(16, 64, 64), DecodeLimits(timeout=0.5))
-    pool = DecodePool(1, timeout=0.5, nice=19)
+    pool, counts only the time it could run), up to the pool's allowance for waiting, after which
+    it is ended (a hang kept from the CPU by other work); a decode that hangs with the CPU to
+    itself is ended on time (`test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes`)."""
+    data = demo_sample(0, 0, scale=6)["mp4"]  # about 70 ms of decoding: seconds, kept from the CPU
+    within = ClipSpec(ClipRequest(16, 64, 64), DecodeLimits(timeout=0.5))  # the process's own check
+    pool = DecodePool(1, timeout=1.0, nice=19)  # the pool's, which ends the process
     busy = None
     try:
         assert pool.submit(data, within).result()  # the process started
@@ -164,10 +175,14 @@ def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one():
         busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         os.sched_setaffinity(busy.pid, {cpu})
         time.sleep(0.2)
+        pool.wait_allowance = 60  # (a loaded machine keeps it waiting longer)
         started = time.monotonic()
         (clip,) = pool.submit(data, within).result()
-        assert time.monotonic() - started > 1.0  # kept waiting past its limit
+        assert time.monotonic() - started > 1.5  # kept waiting past both limits
         assert clip.pixels.shape == (3, 16, 64, 64)
+        pool.wait_allowance = 1.5  # 1.5 s in all
+        with pytest.raises(VideoError, match=r"did not finish within 1 s \(limits.decode_timeout_s\)"):
+            pool.submit(data, within).result()
     finally:
         if busy is not None:
             busy.kill()
@@ -175,6 +190,7 @@ def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one():
         pool.close()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="an encoder on a GPU decodes at the model's priority")
 def test_an_encoder_on_the_cpu_decodes_at_the_lowest_priority_unless_told(demo_shards, tmp_path):
     """On the CPU the model and the decoders share the cores: the decoders take what the model leaves
     (`run.decode_nice` null); a number given is used as it is."""
@@ -185,7 +201,6 @@ def test_an_encoder_on_the_cpu_decodes_at_the_lowest_priority_unless_told(demo_s
         )
         try:
             assert encoder.decoder.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
-            for slot in encoder.decoder._slots:
-                assert os.getpriority(os.PRIO_PROCESS, slot.process.pid) == expected
+            assert _priorities(encoder.decoder, expected) == [expected, expected]
         finally:
             encoder.decoder.close()

@@ -106,6 +106,22 @@ def test_the_decoding_processes_hold_a_full_window_whenever_the_model_encodes(tm
     assert outstanding == [depth] * 5 + [4, 2, 0]
 
 
+def test_the_next_shard_is_read_into_the_room_this_ones_window_leaves_as_it_drains(demo_shards, tmp_path):
+    """Under a byte budget that this shard's window fills (a few large clips), the next shard's
+    samples are read as this one's last samples leave the window, not only into what was left
+    when its last sample was read (one sample, then none for the rest of the shard)."""
+    config = small_config(demo_shards, tmp_path / "out")
+    encoder, plan = in_process_encoder(config)
+    encoder.config.limits.window_bytes = 4 * encoder.clip_bytes  # three samples and a bit
+    a, b, _ = plan.shards
+    try:
+        _done(encoder.encode_shard(a, then=b))
+        done_b = _done(encoder.encode_shard(b))
+    finally:
+        encoder.decoder.close()
+    assert done_b.read_ahead == 4 and done_b.marker["ok"] == 4  # all of b, read while a finished
+
+
 def test_a_shard_read_ahead_but_not_given_next_is_dropped_and_read_again_when_it_comes(demo_shards, tmp_path):
     encoder, plan = in_process_encoder(small_config(demo_shards, tmp_path / "out"))
     submitted = _noting_submits(encoder)

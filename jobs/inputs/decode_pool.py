@@ -18,14 +18,12 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import multiprocessing.forkserver
+import multiprocessing.spawn
 import os
 import queue
-import sys
 import threading
-import types
 from collections.abc import Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -129,26 +127,32 @@ def _forget_fork_server() -> None:
         server._forkserver_address = server._forkserver_alive_fd = server._forkserver_pid = None
 
 
-_STARTING = threading.Lock()  # one `_without_main_module` at a time
+_starting = threading.local()  # `_starting.child`: this thread is starting a decoding process
 
 
-@contextmanager
-def _without_main_module() -> Iterator[None]:
-    """Hides the parent's main module while a decoding process is started.
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's data for a child's start, without the parent's main module while this thread
+    starts a decoding process.
 
     multiprocessing has every child it starts run the parent's main module first, so that it can
     unpickle what that module defines. In an encoder actor that is Ray's `default_worker.py`, which
     imports all of ray: each decoding process took about 0.4 s to start on two cores, and the
     actor's first samples waited for it. A decoding process needs nothing of it (`_child` and its
-    arguments are defined in this package), so a bare module stands in for the main one meanwhile.
+    arguments are defined in this package). Only the thread that starts one is affected: others,
+    and other processes started by this one, get multiprocessing's data as it is.
     """
-    with _STARTING:
-        main = sys.modules["__main__"]
-        sys.modules["__main__"] = types.ModuleType("__main__")
-        try:
-            yield
-        finally:
-            sys.modules["__main__"] = main
+    data = _PREPARATION_DATA(name)
+    if getattr(_starting, "child", False):
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+# multiprocessing's own function (once, should this module be imported again), then this one in its place
+# (`popen_forkserver` looks it up at each start).
+_PREPARATION_DATA = getattr(mp.spawn.get_preparation_data, "__wrapped__", mp.spawn.get_preparation_data)
+_preparation_data.__wrapped__ = _PREPARATION_DATA  # type: ignore[attr-defined]
+mp.spawn.get_preparation_data = _preparation_data
 
 
 class _Slot:
@@ -175,8 +179,11 @@ class _Slot:
                 target=_child, args=(child, self.pool.nice), name=f"decode-{self.number}", daemon=True
             )
             try:
-                with _without_main_module():
+                _starting.child = True
+                try:
                     process.start()
+                finally:
+                    _starting.child = False
             except (OSError, EOFError) as e:  # ChildProcessError, ConnectionRefusedError, a closed pipe
                 parent.close()
                 child.close()
@@ -244,8 +251,9 @@ class _Slot:
 
     def _receive(self, clock: RunClock) -> tuple[str, Any]:
         assert self.conn is not None
-        while not self.conn.poll(max(0.0, self.pool.timeout - clock.seconds())):
-            if clock.seconds() < self.pool.timeout:  # it waited for a CPU meanwhile: that time is not its own
+        timeout, wall_limit = self.pool.timeout, self.pool.timeout * self.pool.wait_allowance
+        while not self.conn.poll(max(0.0, min(timeout - clock.seconds(), wall_limit - clock.wall()))):
+            if clock.seconds() < timeout and clock.wall() < wall_limit:  # it waited for a CPU meanwhile
                 continue
             self._stop()  # killed: the hang (or the slow decode) ends here; a fresh process takes the next
             raise VideoError(
@@ -269,7 +277,12 @@ class DecodePool:
             `VideoError`.
         nice: How much lower than the caller's the processes' CPU priority is (0 to 19): beside a
             model on the same cores, they then decode in the time it leaves.
+
+    A sample's time leaves out its process's waits for a CPU, up to `wait_allowance` times
+    `timeout` in all: a hang kept from the CPU by other work is still ended in bounded time.
     """
+
+    wait_allowance = 10.0
 
     def __init__(self, processes: int, timeout: float, nice: int = 0) -> None:
         self.timeout = timeout

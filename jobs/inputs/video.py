@@ -15,6 +15,7 @@ mean 0.5 and std 0.5. Images (jpg, png, webp) are one-frame clips.
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import time
@@ -84,29 +85,45 @@ class FrameSizeChanged(VideoError):
     from the first frame's. The clip is decoded again in float32."""
 
 
-def waited_for_cpu(pid: int | None = None) -> float:
-    """Seconds a thread has been ready to run but kept waiting for a CPU: this thread's (None), or the
-    main thread of process `pid` (Linux's schedstat); 0.0 where the kernel does not say."""
-    try:
-        with open("/proc/thread-self/schedstat" if pid is None else f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, ValueError, IndexError):
-        return 0.0
+def _cpu_waits(pid: int | None) -> dict[str, float] | None:
+    """Seconds each thread has been ready to run but kept waiting for a CPU (Linux's schedstat): this
+    thread's (None), or every thread's of process `pid`; None where the kernel does not say."""
+    paths = ["/proc/thread-self/schedstat"] if pid is None else glob.glob(f"/proc/{pid}/task/*/schedstat")
+    waits = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                waits[path] = int(f.read().split()[1]) / 1e9
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return waits or None
 
 
 class RunClock:
-    """The seconds a thread could run since the clock started: the wall time less the time it was
-    kept waiting for a CPU. A decode's time limit is counted on it, so that a decoding process kept
-    waiting by the model (they run at a lower priority, `run.decode_nice`) is not taken for slow,
-    while one that hangs, spinning or blocked, is still stopped on time."""
+    """The seconds a decode could run since the clock started: the wall time less the most that any
+    of its threads was kept waiting for a CPU meanwhile (this thread, or process `pid`'s threads).
+
+    A decode's time limit is counted on it, so that a decoding process kept waiting by the model
+    (they run at a lower priority, `run.decode_nice`) is not taken for a slow one, while one that
+    hangs, spinning or blocked, is still stopped. Where the kernel does not say, it is wall time.
+    A wait is counted once the thread gets its CPU back (the kernel adds it then).
+    """
 
     def __init__(self, pid: int | None = None) -> None:
         self.pid = pid
         self.started = time.monotonic()
-        self.waited = waited_for_cpu(pid)
+        self._start = _cpu_waits(pid)  # None: wall time only
+        self._waited = 0.0  # the most a thread had waited since the start, at the last reading
+
+    def wall(self) -> float:
+        return time.monotonic() - self.started
 
     def seconds(self) -> float:
-        return time.monotonic() - self.started - max(0.0, waited_for_cpu(self.pid) - self.waited)
+        if self._start is not None:
+            now = _cpu_waits(self.pid) or {}  # a failed reading keeps the last one
+            start = self._start
+            self._waited = max([self._waited, *(w - start.get(path, 0.0) for path, w in now.items())])
+        return self.wall() - self._waited
 
 
 @dataclass(frozen=True)
@@ -317,7 +334,7 @@ class VideoFile:
 
     def _check_time(self, decoded: int) -> None:
         t = self.limits.timeout
-        if t is not None and time.monotonic() - self.clock.started > t and self.clock.seconds() > t:
+        if t is not None and self.clock.wall() > t and self.clock.seconds() > t:
             raise VideoError(f"decoding took over {t:g} s ({decoded} frames; limits.decode_timeout_s)")
 
     def clips(self, request: ClipRequest, key: str = "") -> list[ClipPlan]:

@@ -274,14 +274,20 @@ class ShardEncoder:
     def _read_ahead(self, shard: Shard, room: int) -> None:
         """Reads the first samples of `shard` into its window (up to the decode depth, within `room`
         bytes); a tar that cannot be read is recorded, for that shard's attempt to fail with."""
-        reading = self._ahead = self._open(shard)
-        if room <= 0:  # the window is full: `shard` starts as it would without reading ahead
+        self._ahead = self._open(shard)
+        self._top_up(self._ahead, room)
+
+    def _top_up(self, reading: _Reading, room: int) -> None:
+        """Reads more of a shard read ahead into its window, up to the decode depth, while it holds
+        less than `room` bytes (the room the current shard's window leaves)."""
+        if reading.failed is not None:
             return
         try:
-            for raw in reading.samples:
-                self._admit(reading, raw)
-                if len(reading.window) >= self._depth() or reading.held >= room:
+            while len(reading.window) < self._depth() and reading.held < room:
+                raw = next(reading.samples, None)
+                if raw is None:
                     break
+                self._admit(reading, raw)
         except Exception as e:  # `shard`'s failure, not the shard being finished
             reading.failed = e
         reading.read_ahead = len(reading.window)
@@ -322,7 +328,11 @@ class ShardEncoder:
         if then is not None and self.config.run.read_ahead:
             self._read_ahead(then, limits.window_bytes - reading.held)
         while window:
-            yield from finish(self._resolve(window.popleft()))
+            pending = window.popleft()
+            reading.held -= pending.nbytes
+            if self._ahead is not None:  # the next shard's window grows as this one's shrinks
+                self._top_up(self._ahead, limits.window_bytes - reading.held)
+            yield from finish(self._resolve(pending))
         for batch in batches.values():
             if batch:
                 yield from self._flush(batch, writer)
