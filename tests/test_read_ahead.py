@@ -182,9 +182,10 @@ def test_an_encoder_decodes_its_first_shard_while_its_model_loads(demo_shards, t
 
 @pytest.mark.slow
 def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shards, tmp_path):
-    """Two actors, three shards; the job in a process of its own, its embedded Ray cluster slowed by a
-    second per commit (`slow-commit`), so that the first actor ready does not finish the other's first
-    shard before that one is ready too (the run starts with the first actor ready)."""
+    """Two actors, three shards; the job in a process of its own, its embedded Ray cluster slowed by
+    five seconds per commit (`slow-commit=5`), so that the first actor ready does not finish the
+    other's first shard before that one is ready too (the run starts with the first actor ready; a
+    second per commit was not enough on a loaded machine)."""
     out = tmp_path / "out"
     args = ["--input", f"{demo_shards[0].parent}/*.tar", "--output", str(out), "--workers", "2"]
     for setting in ("run.batch_size=2", "video.num_frames=8", "video.height=64", "video.width=64"):
@@ -194,7 +195,7 @@ def test_each_actor_is_first_given_the_shard_it_read_while_it_started(demo_shard
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, FAULT_ENV: "slow-commit"},
+        env={**os.environ, FAULT_ENV: "slow-commit=5"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

@@ -479,9 +479,10 @@ def test_a_two_node_cluster_sharing_no_directory_writes_one_s3_output(s3, local_
     """Two nodes of one GPU each (so one actor on each): everything the job writes goes to s3."""
     from ray.cluster_utils import Cluster
 
-    # A second per commit (the nodes' environment, which their actors inherit): the run starts with
-    # the first actor ready, and this keeps it going until the other is ready too and takes shards
-    monkeypatch.setenv(FAULT_ENV, "slow-commit")
+    # Three seconds per commit (the nodes' environment, which their actors inherit): the run starts
+    # with the first actor ready, and this keeps it going until the other is ready too and takes
+    # shards (a second was not always enough on a loaded machine)
+    monkeypatch.setenv(FAULT_ENV, "slow-commit=3")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=2, num_gpus=1)

@@ -4,6 +4,8 @@ attempt that fails drops its batch in flight, and the output is the same as with
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import encode_in_process, in_process_encoder, same_output, small_config
 
@@ -72,3 +74,14 @@ def test_an_attempt_that_fails_with_a_batch_in_flight_drops_it(demo_shards, tmp_
     rows = read_metadata(plan.root).to_pylist()
     keys = {shard.name: [r["key"] for r in rows if r["shard"] == f"latents/{shard.name}.tar"] for shard in (a, b)}
     assert sorted(map(len, keys.values())) == [4, 4] and not set(keys[a.name]) & set(keys[b.name])
+
+
+def test_a_pause_fault_takes_the_seconds_it_is_given(monkeypatch):
+    """`slow-commit=SECONDS` (the tests that need a longer pause than the default second)."""
+    from jobs.dataset.faults import fault
+
+    for spec, low, high in (("slow-commit=0.3", 0.3, 0.9), ("slow-commit=0", 0.0, 0.5), ("slow-start=0", 0.0, 0.5)):
+        monkeypatch.setenv(FAULT_ENV, spec)
+        started = time.monotonic()
+        fault(spec.partition("=")[0])
+        assert low <= time.monotonic() - started < high, spec

@@ -11,6 +11,7 @@ Off unless `LATENT_PRECOMPUTE_FAULT` is set (the chaos tests set it for a job's 
                                                      a multipart upload to an object store
     LATENT_PRECOMPUTE_FAULT=disk-full                writing a latent tar fails with ENOSPC
     LATENT_PRECOMPUTE_FAULT=slow-commit              each commit takes a second longer (a slow store)
+    LATENT_PRECOMPUTE_FAULT=slow-commit=5            five seconds longer (any pause: POINT=SECONDS)
     LATENT_PRECOMPUTE_FAULT=slow-start@/tmp/once     an encoder actor's start takes two minutes longer (a
                                                      slow node or disk); with @, only the first actor's
     LATENT_PRECOMPUTE_FAULT=before-marker@/tmp/once  the same, only the first time (the flag file
@@ -36,6 +37,7 @@ def fault(point: str) -> None:
     if not spec:
         return
     name, _, once = spec.partition("@")
+    name, _, seconds = name.partition("=")
     if name != point:
         return
     if once:
@@ -44,7 +46,7 @@ def fault(point: str) -> None:
         except FileExistsError:
             return  # fired already
     if point in PAUSES:
-        time.sleep(PAUSES[point])
+        time.sleep(float(seconds) if seconds else PAUSES[point])
         return
     if point == "disk-full":
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}={spec})")
