@@ -252,8 +252,10 @@ class _Slot:
     def _receive(self, clock: RunClock) -> tuple[str, Any]:
         assert self.conn is not None
         timeout, wall_limit = self.pool.timeout, self.pool.timeout * self.pool.wait_allowance
-        while not self.conn.poll(max(0.0, min(timeout - clock.seconds(), wall_limit - clock.wall()))):
-            if clock.seconds() < timeout and clock.wall() < wall_limit:  # it waited for a CPU meanwhile
+        left = timeout - clock.wall()  # its own time is at most the wall time: the kernel is asked only then
+        while not self.conn.poll(max(0.0, min(left, wall_limit - clock.wall()))):
+            left = timeout - clock.seconds()
+            if left > 0 and clock.wall() < wall_limit:  # it waited for a CPU meanwhile
                 continue
             self._stop()  # killed: the hang (or the slow decode) ends here; a fresh process takes the next
             raise VideoError(

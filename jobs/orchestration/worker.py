@@ -316,23 +316,26 @@ class ShardEncoder:
                 if len(batch) == (self.config.run.batch_size if bucket is None else bucket.batch_size):
                     yield from self._flush(batch, writer)
 
+        def leave() -> Iterator[Progress]:
+            """The window's oldest sample leaves it, for the model; once this shard is all read, the
+            next shard's window (`then`'s, read ahead) grows into the room it leaves."""
+            pending = window.popleft()
+            reading.held -= pending.nbytes
+            if self._ahead is not None:
+                self._top_up(self._ahead, limits.window_bytes - reading.held)
+            yield from finish(self._resolve(pending))
+
         for raw in reading.samples:
             self._admit(reading, raw)
             # The window is kept full, bounded in samples and in bytes (a sample over the byte budget
             # is decoded alone): a sample leaves it only for one to take its place, so that the
             # decoding processes always hold the next batches' samples while the model encodes.
             while window and (len(window) > depth or reading.held > limits.window_bytes):
-                pending = window.popleft()
-                reading.held -= pending.nbytes
-                yield from finish(self._resolve(pending))
+                yield from leave()
         if then is not None and self.config.run.read_ahead:
             self._read_ahead(then, limits.window_bytes - reading.held)
         while window:
-            pending = window.popleft()
-            reading.held -= pending.nbytes
-            if self._ahead is not None:  # the next shard's window grows as this one's shrinks
-                self._top_up(self._ahead, limits.window_bytes - reading.held)
-            yield from finish(self._resolve(pending))
+            yield from leave()
         for batch in batches.values():
             if batch:
                 yield from self._flush(batch, writer)
