@@ -64,12 +64,13 @@ def test_validate():
     with pytest.raises(ValueError, match="latents.dtype must be one of"):
         config.validate()
     config.latents.dtype = "float32"
-    for nice in (-1, 20):
-        config.run.decode_nice = nice
-        with pytest.raises(ValueError, match=re.escape(f"run.decode_nice must be 0 to 19 (or null: auto); got {nice}")):
-            config.validate()
-    config.run.decode_nice = 0
-    config.validate()
+    config.run.decode_priority = "nice"
+    message = "run.decode_priority must be one of auto, idle, low, normal; got 'nice'"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config.validate()
+    for level in ("auto", "idle", "low", "normal"):
+        config.run.decode_priority = level
+        config.validate()
 
 
 def test_fingerprint_is_stable_and_order_free():
@@ -88,6 +89,7 @@ def test_choices_are_literal_types_checked_in_one_place():
         "video.resize",
         "video.clips",
         "latents.dtype",
+        "run.decode_priority",
     }
     config = load_config(None, ["vae.tiling.mode=tiled", "vae.dtype=float64", "input=x.tar", "output=out"])
     with pytest.raises(UsageError, match=re.escape("vae.dtype must be one of auto, float32, bfloat16, float16; got")):

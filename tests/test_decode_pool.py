@@ -136,24 +136,40 @@ def test_a_decoding_process_does_not_run_the_parents_main_module(tmp_path):
     assert not noted.exists(), noted.read_text()
 
 
-def _priorities(pool: DecodePool, expected: int) -> list[int]:
-    """The pool's processes' priorities, once each has started and set its own (or 10 s passed)."""
+def _priorities(pool: DecodePool, expected: tuple[int, int]) -> list[tuple[int, int]]:
+    """The pool's processes' (nice, scheduling policy), once each has started and set its own (or
+    10 s passed)."""
     deadline = time.monotonic() + 10
     while True:
         pids = [slot.process.pid for slot in pool._slots if slot.process is not None]
-        found = [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids]
+        found = [(os.getpriority(os.PRIO_PROCESS, pid), os.sched_getscheduler(pid)) for pid in pids]
         if (len(pids) == len(pool._slots) and set(found) == {expected}) or time.monotonic() > deadline:
             return found
 
 
-def test_the_decoding_processes_run_at_the_pools_lower_priority():
-    pool = DecodePool(2, timeout=60, nice=7)
+def priority_of(level: str) -> tuple[int, int]:
+    """The (nice, scheduling policy) of a decoding process started by this one at `level`."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    return {
+        "normal": (ours, os.SCHED_OTHER),
+        "low": (19, os.SCHED_OTHER),
+        "idle": (19, os.SCHED_IDLE),
+    }[level]
+
+
+@pytest.mark.parametrize("level", ["idle", "low", "normal"])
+def test_the_decoding_processes_run_at_the_pools_priority(level):
+    pool = DecodePool(2, timeout=60, priority=level)
     try:
         assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
-        expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)
-        assert _priorities(pool, expected) == [expected, expected]
+        assert _priorities(pool, priority_of(level)) == [priority_of(level)] * 2
     finally:
         pool.close()
+
+
+def test_an_unknown_decoding_priority_is_refused():
+    with pytest.raises(ValueError, match="a decoding priority is idle, low or normal; got 'nice'"):
+        DecodePool(1, timeout=60, priority="nice")  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"), reason="the kernel does not say")
@@ -166,7 +182,7 @@ def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one_within_boun
     itself is ended on time (`test_a_decode_past_its_timeout_is_ended_and_the_next_sample_decodes`)."""
     data = demo_sample(0, 0, scale=6)["mp4"]  # about 70 ms of decoding: seconds, kept from the CPU
     within = ClipSpec(ClipRequest(16, 64, 64), DecodeLimits(timeout=0.5))  # the process's own check
-    pool = DecodePool(1, timeout=1.0, nice=19)  # the pool's, which ends the process
+    pool = DecodePool(1, timeout=1.0, priority="low")  # the pool's, which ends the process
     busy = None
     try:
         assert pool.submit(data, within).result()  # the process started
@@ -191,16 +207,15 @@ def test_a_decode_kept_waiting_for_a_cpu_is_not_taken_for_a_slow_one_within_boun
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="an encoder on a GPU decodes at the model's priority")
-def test_an_encoder_on_the_cpu_decodes_at_the_lowest_priority_unless_told(demo_shards, tmp_path):
-    """On the CPU the model and the decoders share the cores: the decoders take what the model leaves
-    (`run.decode_nice` null); a number given is used as it is."""
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    for nice, expected in ((None, 19), (3, min(19, ours + 3))):
+def test_an_encoder_on_the_cpu_decodes_at_idle_priority_unless_told(demo_shards, tmp_path):
+    """On the CPU the model and the decoders share the cores: the decoders take only what the model
+    leaves (`run.decode_priority` auto); a level given is used as it is."""
+    for level, expected in (("auto", "idle"), ("low", "low"), ("normal", "normal")):
         encoder, plan = in_process_encoder(
-            small_config(demo_shards, tmp_path / f"out-{nice}", run={"decode_nice": nice})
+            small_config(demo_shards, tmp_path / f"out-{level}", run={"decode_priority": level})
         )
         try:
             assert encoder.decoder.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
-            assert _priorities(encoder.decoder, expected) == [expected, expected]
+            assert _priorities(encoder.decoder, priority_of(expected)) == [priority_of(expected)] * 2
         finally:
             encoder.decoder.close()

@@ -22,12 +22,13 @@ import multiprocessing.spawn
 import os
 import queue
 import threading
+import typing
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,12 +54,29 @@ def clip_nbytes(plan: ClipPlan, uint8: bool) -> int:
     return plan.nbytes // 4 if uint8 else plan.nbytes  # `nbytes` counts float32
 
 
-def _child(conn: Connection, nice: int) -> None:
+DecodePriority = Literal["idle", "low", "normal"]
+
+
+def lower_priority(priority: DecodePriority) -> None:
+    """Sets this process's CPU priority against its parent's: `normal` leaves it; `low` is nice 19;
+    `idle` is Linux's SCHED_IDLE, under which the process runs only on a CPU that no normal process
+    wants, and a normal one that wakes takes its CPU at once (nice 19 where there is none)."""
+    if priority == "normal":
+        return
+    os.nice(19)  # (the kernel stops at 19)
+    if priority == "idle" and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except OSError:  # a sandbox that refuses it: nice 19 is the nearest
+            pass
+
+
+def _child(conn: Connection, priority: DecodePriority) -> None:
     """A decoding process: (bytes, spec, key) in; ("plan", (plans, uint8 flags)) out, a shared memory
     name in, then ("ok", info) out, or the plan again in float32 (a frame changed size) and so on;
     or ("video", reason) out at any step."""
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
-    os.nice(nice)
+    lower_priority(priority)
     while True:
         try:
             data, spec, key = conn.recv()
@@ -176,7 +194,7 @@ class _Slot:
         for attempt in (1, 2):
             parent, child = CONTEXT.Pipe()
             process = CONTEXT.Process(
-                target=_child, args=(child, self.pool.nice), name=f"decode-{self.number}", daemon=True
+                target=_child, args=(child, self.pool.priority), name=f"decode-{self.number}", daemon=True
             )
             try:
                 _starting.child = True
@@ -277,8 +295,8 @@ class DecodePool:
         timeout: Seconds a sample may take from the moment its process starts on it, less the time
             the process waits for a CPU; then the process is killed and the sample fails with
             `VideoError`.
-        nice: How much lower than the caller's the processes' CPU priority is (0 to 19): beside a
-            model on the same cores, they then decode in the time it leaves.
+        priority: The processes' CPU priority against the caller's (`lower_priority`): beside a
+            model on the same cores, `idle` has them decode only in the time it leaves.
 
     A sample's time leaves out its process's waits for a CPU, up to `wait_allowance` times
     `timeout` in all: a hang kept from the CPU by other work is still ended in bounded time.
@@ -286,9 +304,11 @@ class DecodePool:
 
     wait_allowance = 10.0
 
-    def __init__(self, processes: int, timeout: float, nice: int = 0) -> None:
+    def __init__(self, processes: int, timeout: float, priority: DecodePriority = "normal") -> None:
+        if priority not in typing.get_args(DecodePriority):
+            raise ValueError(f"a decoding priority is idle, low or normal; got {priority!r}")
         self.timeout = timeout
-        self.nice = nice
+        self.priority = priority
         self._tasks: queue.Queue[tuple[bytes, ClipSpec, str, Future[list[Clip]]] | None] = queue.Queue()
         self._slots = [_Slot(self, i) for i in range(processes)]
 

@@ -104,7 +104,7 @@ class RunClock:
     of its threads was kept waiting for a CPU meanwhile (this thread, or process `pid`'s threads).
 
     A decode's time limit is counted on it, so that a decoding process kept waiting by the model
-    (they run at a lower priority, `run.decode_nice`) is not taken for a slow one, while one that
+    (they run at a lower priority, `run.decode_priority`) is not taken for a slow one, while one that
     hangs, spinning or blocked, is still stopped. Where the kernel does not say, it is wall time.
     A wait is counted once the thread gets its CPU back (the kernel adds it then).
     """

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from jobs.inputs.buckets import bucket_table
+from jobs.inputs.decode_pool import DecodePriority
 from jobs.inputs.sampling import ClipPolicy, ResizeMode
 from vae import TilingConfig, describe_error
 from vae.spec import NormStats, TilingMode
@@ -115,11 +116,12 @@ class RunConfig:
     cpus_per_worker: int = 1  # CPU threads of each actor (decode + CPU encode)
     batch_size: int = 4  # clips per encoder call
     decode_threads: int = 2  # decoding processes per actor, overlapping with encoding
-    # How much lower the decoding processes' CPU priority is than the model's (a nice increment, 0 to
-    # 19); null: 19 where the model runs on the CPU, so that the decoders take the cycles it leaves
-    # instead of stalling its threads, and 0 beside a GPU. A decode's time limit leaves out the time
-    # its process waits for a CPU. The output is the same either way.
-    decode_nice: int | None = None
+    # The decoding processes' CPU priority against the model's: "idle" (Linux's SCHED_IDLE: they run
+    # only on a CPU the model leaves, and give it back the moment the model wants it), "low" (nice
+    # 19), "normal" (the model's); auto: "idle" where the model runs on the CPU, so that the
+    # decoders do not stall its threads, and "normal" beside a GPU. A decode's time limit leaves
+    # out the time its process waits for a CPU. The output is the same either way.
+    decode_priority: Literal["auto"] | DecodePriority = "auto"
     # Each actor is handed its next shard with the one it encodes, and starts decoding the next
     # one's first samples while it finishes and commits this one (the model does not wait for
     # them at the shard's start); the output is the same either way
@@ -201,8 +203,6 @@ class JobConfig:
             raise UsageError(f"run.workers must be 0 (auto) or more; got {self.run.workers}")
         if self.run.gpus < 0:
             raise UsageError(f"run.gpus must be 0 (the GPUs present) or more; got {self.run.gpus}")
-        if self.run.decode_nice is not None and not 0 <= self.run.decode_nice <= 19:
-            raise UsageError(f"run.decode_nice must be 0 to 19 (or null: auto); got {self.run.decode_nice}")
         for name in ("max_member_bytes", "max_pixels", "max_frames", "decode_timeout_s", "window_bytes"):
             if getattr(self.limits, name) <= 0:
                 raise UsageError(f"limits.{name} must be positive; got {getattr(self.limits, name)}")

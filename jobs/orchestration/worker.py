@@ -175,12 +175,11 @@ class ShardEncoder:
         self.latent_dtype = getattr(torch, config.latents.dtype)
         # Decoding runs in child processes: one that hangs is killed a little after the decoder's
         # own timeout would have fired, and the worker goes on.
-        nice = config.run.decode_nice
-        if nice is None:  # beside a model on the same cores, the decoders take the cycles it leaves
-            nice = 19 if self.device.type == "cpu" else 0
-        self.decoder = DecodePool(
-            config.run.decode_threads, timeout=config.limits.decode_timeout_s + DECODE_GRACE_S, nice=nice
-        )
+        priority = config.run.decode_priority
+        if priority == "auto":  # beside a model on the same cores, the decoders take the cycles it leaves
+            priority = "idle" if self.device.type == "cpu" else "normal"
+        timeout = config.limits.decode_timeout_s + DECODE_GRACE_S
+        self.decoder = DecodePool(config.run.decode_threads, timeout=timeout, priority=priority)
         self.preset = get_preset(config.vae.name)  # resolved once (a diffusers folder reads its config.json)
         limits = config.limits
         self.request = clip_request(config, self.preset)
