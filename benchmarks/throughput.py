@@ -180,10 +180,10 @@ DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "no-write-behind", "batch-
 
 def start_ray() -> dict[str, Any]:
     """An embedded Ray cluster, as the job starts one; its start-up timed."""
-    import ray
+    from jobs.orchestration.pool import start_embedded
 
     started = time.perf_counter()
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    start_embedded(logging_level="ERROR", log_to_driver=False)
     return {"name": "ray start-up", "frames": 0, "seconds": time.perf_counter() - started}
 
 

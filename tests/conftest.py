@@ -14,6 +14,7 @@ import torch
 
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
+from jobs.orchestration.pool import start_embedded
 
 # One line per scenario of tests/test_chaos.py, printed after the run. The tests record them as
 # the property "chaos" (`record_property`), which reaches this process's reports also from the
@@ -39,7 +40,7 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
 def ray_cluster():
     """One embedded Ray cluster for every in-process job run of the session."""
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        start_embedded(num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -67,3 +68,25 @@ def test_the_fork_server_starts_before_torch_is_imported_and_the_actor_encodes(t
     assert "fork server at torch: True" in lines  # started first: its imports overlap the actor's
     assert "committed: 2" in lines and read_commit(plan.root, plan.shards[0].name) is not None
     assert "read while the actor started: 2" in lines
+
+
+PRIORITY_SCRIPT = """
+import os, ray
+from jobs.orchestration.pool import connect
+
+assert connect(None)  # an embedded cluster, as a local run starts one
+worker = ray.get(ray.remote(lambda: os.getpriority(os.PRIO_PROCESS, 0)).remote())
+print(os.getpriority(os.PRIO_PROCESS, 0), worker)
+"""
+
+
+def test_the_embedded_clusters_workers_run_at_the_drivers_priority():
+    """Ray would start them at nice 15, below its own services and the driver, whose frequent
+    wakeups then stall the model's threads (`pool.RAY_SYSTEM_CONFIG`)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", PRIORITY_SCRIPT], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    driver, worker = result.stdout.split()
+    assert worker == driver

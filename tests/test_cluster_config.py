@@ -42,7 +42,7 @@ def _ray_commands(lines: list[str]) -> list[tuple[int, str]]:
     found = []
     for i, line in enumerate(lines):
         command = line.strip().lstrip("#").strip().split("  #")[0]
-        if re.match(r"^(RAY_AUTH_MODE=token )?ray (up|start|job|dashboard|attach|exec|submit)\b", command):
+        if re.match(r"^(RAY_\w+=\S+ )*ray (up|start|job|dashboard|attach|exec|submit)\b", command):
             found.append((i, command))
     return found
 
@@ -60,7 +60,9 @@ def _with_token_auth(lines: list[str]) -> list[str]:
 def test_every_ray_start_of_the_cluster_runs_with_token_authentication():
     config = yaml.safe_load((REPO / "cluster.yaml").read_text())
     starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
-    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ray start ") for c in starts), starts
+    assert len(starts) == 2 and all(c.startswith("RAY_AUTH_MODE=token ") for c in starts), starts
+    # Its encoder actors run at the priority of Ray's own services (`pool.RAY_SYSTEM_CONFIG`).
+    assert all(re.match(r"^(RAY_\w+=\S+ )*RAY_worker_niceness=0 ray start ", c) for c in starts), starts
     # The token made on the user's machine reaches every node, where `ray start` reads it.
     assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
     header = (REPO / "cluster.yaml").read_text().splitlines()

@@ -34,6 +34,18 @@ from vae import describe_error
 log = logging.getLogger("jobs.precompute")
 
 
+# Ray starts its workers at nice 15, below its own services and the driver, whose wakeups (a few
+# hundred a second on an idle cluster) then take a CPU from the model's threads in the middle of an
+# operation, and its other threads wait for them. Here the workers are the work: they run at the
+# driver's priority (a cluster started with `ray start` gets the same from RAY_worker_niceness=0).
+RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
+
+
+def start_embedded(**options: Any) -> None:
+    """Starts an embedded Ray cluster, as a local run does (`options` go to `ray.init`)."""
+    ray.init(address="local", include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG, **options)
+
+
 def connect(address: str | None) -> bool:
     """Joins the given cluster (or RAY_ADDRESS's); else starts an embedded one. True if we started it.
 
@@ -48,7 +60,7 @@ def connect(address: str | None) -> bool:
         ray.init(address=address, **quiet)
         print(f"joined the Ray cluster at {address}", file=sys.stderr)
     else:
-        ray.init(address="local", include_dashboard=False, **quiet)
+        start_embedded(**quiet)
         print("started an embedded Ray cluster (give --address or RAY_ADDRESS to join one)", file=sys.stderr)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
