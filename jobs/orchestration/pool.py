@@ -42,8 +42,9 @@ RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def start_embedded(**options: Any) -> None:
-    """Starts an embedded Ray cluster, as a local run does (`options` go to `ray.init`)."""
-    ray.init(address="local", include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG, **options)
+    """Starts an embedded Ray cluster, as a local run does (`options` go to `ray.init`, and replace
+    its settings here)."""
+    ray.init(**{"address": "local", "include_dashboard": False, "_system_config": RAY_SYSTEM_CONFIG, **options})
 
 
 def connect(address: str | None) -> bool:
