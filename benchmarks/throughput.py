@@ -170,7 +170,7 @@ TECHNIQUES = {
     "one-process": ("job, 1 decoding process", {"decode_threads": 1}),
     "equal-priority": ("job, decoding at the model's CPU priority", {"decode_priority": "normal"}),
     "nice-priority": ("job, decoding at nice 19", {"decode_priority": "low"}),
-    # (on a Ray cluster started with this system config instead of `pool.RAY_SYSTEM_CONFIG`)
+    # (on a Ray cluster started with this system config over `pool.RAY_SYSTEM_CONFIG`)
     "ray-nice-15": ("job, Ray's workers at its default nice 15", {"ray": {"worker_niceness": 15}}),
     "no-read-ahead": ("job, no read-ahead across shards", {"read_ahead": False}),
     "default-malloc": ("job, glibc's default allocator thresholds", {"reuse_host_memory": False}),
@@ -181,11 +181,12 @@ DEFAULT_TECHNIQUES = {"cpu": [], "cuda": ["pageable", "no-write-behind", "batch-
 
 
 def start_ray(system_config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An embedded Ray cluster, as the job starts one (or with `system_config`); its start-up timed."""
-    from jobs.orchestration.pool import RAY_SYSTEM_CONFIG, start_embedded
+    """An embedded Ray cluster, as the job starts one (`system_config` changing its Ray settings);
+    its start-up timed."""
+    from jobs.orchestration.pool import start_embedded
 
     started = time.perf_counter()
-    start_embedded(logging_level="ERROR", log_to_driver=False, _system_config=system_config or RAY_SYSTEM_CONFIG)
+    start_embedded(logging_level="ERROR", log_to_driver=False, _system_config=system_config or {})
     return {"name": "ray start-up", "frames": 0, "seconds": time.perf_counter() - started}
 
 
@@ -206,12 +207,13 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
     for name, settings in runs:
         config = job_config(shards, out / name.replace(" ", "-").replace(",", ""), args)
         config.run = dataclasses.replace(config.run, **{k: v for k, v in settings.items() if k != "ray"})
-        if "ray" in settings:
-            restart_ray(settings["ray"])
+        ray_settings = settings.get("ray")
+        if ray_settings:
+            restart_ray(ray_settings)
         started = time.perf_counter()
         summary = run(config)
         seconds = time.perf_counter() - started
-        if "ray" in settings:
+        if ray_settings:
             restart_ray()
         actors = summary.actors.values()
         model_share, wait_share = time_shares(actors)  # of the actors' shard time: the model, waiting for frames

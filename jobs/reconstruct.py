@@ -48,7 +48,7 @@ from jobs.dataset.store import Store, open_store
 from jobs.inputs.shards import Shard, storage_for
 from jobs.inputs.tar_samples import ShardReadError, read_shard, split_sample
 from jobs.inputs.video import VideoError, read_frames
-from jobs.orchestration.config import JobConfig, UsageError, from_dict
+from jobs.orchestration.config import JobConfig, UsageError, from_dict, without_retired
 from jobs.orchestration.settings import RecordedVAE, recorded_vae, usable_preset
 from jobs.quality.media import preview_grid, save_clip, to_uint8, write_png
 from jobs.quality.metrics import luma, psnr, ssim
@@ -86,7 +86,8 @@ def load_job(root: str | Path) -> Job:
     try:
         store = open_store(root)
         record = read_job(store)
-        return Job(store, from_dict(JobConfig, record.config), recorded_vae(record.settings), record.fingerprint)
+        config = from_dict(JobConfig, without_retired(record.config))
+        return Job(store, config, recorded_vae(record.settings), record.fingerprint)
     except DatasetError as e:
         raise UsageError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:

@@ -14,7 +14,7 @@ import torch
 
 from jobs.demo_data import write_demo_dataset
 from jobs.orchestration.config import JobConfig, LatentConfig, RunConfig, VAEConfig, VideoConfig
-from jobs.orchestration.pool import start_embedded
+from jobs.orchestration.pool import RAY_SYSTEM_CONFIG, start_embedded
 
 # One line per scenario of tests/test_chaos.py, printed after the run. The tests record them as
 # the property "chaos" (`record_property`), which reaches this process's reports also from the
@@ -34,6 +34,12 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
             terminalreporter.write_line(line)
         clean = sum(line.endswith("lost 0, doubled 0, files differing 0, temporaries 0") for line in CHAOS_LINES)
         terminalreporter.write_line(f"{clean} of {len(CHAOS_LINES)} scenarios ended exactly as the clean run")
+
+
+def cluster_head(**args: object) -> dict[str, object]:
+    """A test cluster's head node arguments (`ray.cluster_utils.Cluster`): its workers at the
+    driver's priority, as `cluster.yaml` and an embedded cluster start them."""
+    return {"include_dashboard": False, "_system_config": dict(RAY_SYSTEM_CONFIG), **args}
 
 
 @pytest.fixture(scope="session")

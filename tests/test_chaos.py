@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import encoder_pids, kill_session
+from conftest import cluster_head, encoder_pids, kill_session
 
 from jobs.dataset.faults import FAULT_ENV
 from jobs.dataset.reader import read_metadata
@@ -221,7 +221,7 @@ def test_losing_a_worker_node_mid_run(data, clean, tmp_path):
     second node is removed while its actor encodes a shard: that shard is redone on the other."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head(num_cpus=0))
     try:
         cluster.add_node(num_cpus=1)
         doomed = cluster.add_node(num_cpus=1)

@@ -35,6 +35,10 @@ def test_the_kuberay_job_runs_the_precompute_with_one_gpu_group():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8" and group["maxReplicas"] >= group["minReplicas"]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/shared" in mounts and "/shared/latents" in job["spec"]["entrypoint"]
+    # every pod's Ray runs the encoder actors at the priority of its own services
+    (head,) = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    for pod in (head, container):
+        assert {"name": "RAY_worker_niceness", "value": "0"} in pod["env"], pod["name"]
 
 
 def _ray_commands(lines: list[str]) -> list[tuple[int, str]]:

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from conftest import cluster_head
 
 from jobs.dataset.faults import FAULT_ENV
 from jobs.demo_data import write_demo_dataset
@@ -30,7 +31,7 @@ def cluster(request, monkeypatch):
     mark = request.node.get_closest_marker("fault")
     if mark is not None:
         monkeypatch.setenv(FAULT_ENV, mark.args[0])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 2, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head(num_cpus=2, num_gpus=2))
     yield cluster
     cluster.shutdown()
 
@@ -88,7 +89,7 @@ def test_capacity_counts_actors_node_by_node():
 def test_a_job_asking_for_gpus_waits_for_the_first_gpu_node_then_uses_it(tmp_path):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head(num_cpus=1))
     try:
         write_demo_dataset(tmp_path / "data", shards=2, samples_per_shard=2, seed=7)
         out = tmp_path / "out"
@@ -116,7 +117,7 @@ def test_a_job_asking_for_gpus_waits_for_the_first_gpu_node_then_uses_it(tmp_pat
 def test_a_job_asking_for_gpus_that_never_come_fails_with_the_reason(tmp_path):
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head(num_cpus=1))
     try:
         write_demo_dataset(tmp_path / "data", shards=1, samples_per_shard=1, seed=8)
         cmd = command(tmp_path / "data", tmp_path / "out", cluster, 1)

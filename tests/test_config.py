@@ -39,6 +39,7 @@ def test_json_config(tmp_path):
         ("video.num_frames=many", "video.num_frames: expected an integer"),
         ("vae.sample=1", "vae.sample: expected true or false"),
         ("video", "not of the form key=value"),
+        ("run.decode_nice=19", "config key 'run.decode_nice' is now 'run.decode_priority'"),
     ],
 )
 def test_bad_overrides_are_named(override, message):

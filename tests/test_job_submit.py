@@ -37,6 +37,7 @@ def head_node(tmp_path):
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` in the entrypoint
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_worker_niceness": "0",  # as cluster.yaml starts every node
     }
     env.pop("RAY_ADDRESS", None)
     dashboard = f"http://127.0.0.1:{_free_port()}"

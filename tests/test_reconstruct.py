@@ -75,6 +75,19 @@ def test_writes_videos_previews_and_report(random_job, tmp_path, capsys):
     assert f"mean PSNR {mean:.2f} dB" in printed and str(out / "previews") in printed
 
 
+def test_a_job_recorded_with_a_key_since_renamed_still_loads(random_job):
+    """`job.json` of an earlier version may hold a key this one renamed (`config.RETIRED`)."""
+    job_file = random_job / "job.json"
+    original = job_file.read_text()
+    recorded = json.loads(original)
+    recorded["config"]["run"]["decode_nice"] = 19
+    job_file.write_text(json.dumps(recorded))
+    try:
+        assert reconstruct.load_job(random_job).config.run.decode_priority == "auto"
+    finally:
+        job_file.write_text(original)
+
+
 def test_rebuilds_the_job_model_and_clip(random_job):
     """The rebuilt random-init VAE, fed the re-read source clip, gives back the stored latent."""
     job = reconstruct.load_job(random_job)

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import kill_session
+from conftest import cluster_head, kill_session
 from test_dataset import _write
 
 from jobs.dataset import store as store_module
@@ -483,7 +483,7 @@ def test_a_two_node_cluster_sharing_no_directory_writes_one_s3_output(s3, local_
     # with the first actor ready, and this keeps it going until the other is ready too and takes
     # shards (a second was not always enough on a loaded machine)
     monkeypatch.setenv(FAULT_ENV, "slow-commit=3")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args=cluster_head(num_cpus=2, num_gpus=1))
     try:
         cluster.add_node(num_cpus=2, num_gpus=1)
         out = "s3://outputs/two-nodes"

@@ -63,8 +63,8 @@ def lower_priority(priority: DecodePriority) -> None:
     wants, and a normal one that wakes takes its CPU at once (nice 19 where there is none)."""
     if priority == "normal":
         return
-    os.nice(19)  # (the kernel stops at 19)
-    if priority == "idle" and hasattr(os, "sched_setscheduler"):
+    os.setpriority(os.PRIO_PROCESS, 0, 19)  # (raising one's own nice needs no privilege)
+    if priority == "idle" and hasattr(os, "sched_setscheduler") and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except OSError:  # a sandbox that refuses it: nice 19 is the nearest
@@ -75,8 +75,8 @@ def _child(conn: Connection, priority: DecodePriority) -> None:
     """A decoding process: (bytes, spec, key) in; ("plan", (plans, uint8 flags)) out, a shared memory
     name in, then ("ok", info) out, or the plan again in float32 (a frame changed size) and so on;
     or ("video", reason) out at any step."""
+    lower_priority(priority)  # (first: a thread started later inherits it)
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
-    lower_priority(priority)
     while True:
         try:
             data, spec, key = conn.recv()
@@ -306,7 +306,7 @@ class DecodePool:
 
     def __init__(self, processes: int, timeout: float, priority: DecodePriority = "normal") -> None:
         if priority not in typing.get_args(DecodePriority):
-            raise ValueError(f"a decoding priority is idle, low or normal; got {priority!r}")
+            raise ValueError(f"a decoding priority is one of {typing.get_args(DecodePriority)}; got {priority!r}")
         self.timeout = timeout
         self.priority = priority
         self._tasks: queue.Queue[tuple[bytes, ClipSpec, str, Future[list[Clip]]] | None] = queue.Queue()

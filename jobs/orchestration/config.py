@@ -267,6 +267,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
+# Keys that an earlier version had and this one renamed: a config that sets one is told the new
+# name, and a recorded config (`job.json`, which `jobs.reconstruct` reads) drops it (none is
+# fingerprinted).
+RETIRED = {"run.decode_nice": "run.decode_priority"}
+
+
+def without_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config's dict without the `RETIRED` keys it may hold."""
+    out = dict(data)
+    for path in RETIRED:
+        section, key = path.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Builds dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
@@ -276,6 +292,8 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if key not in names and path in RETIRED:
+            raise UsageError(f"config key '{path}' is now '{RETIRED[path]}'")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"

@@ -42,9 +42,10 @@ RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 def start_embedded(**options: Any) -> None:
-    """Starts an embedded Ray cluster, as a local run does (`options` go to `ray.init`, and replace
-    its settings here)."""
-    ray.init(**{"address": "local", "include_dashboard": False, "_system_config": RAY_SYSTEM_CONFIG, **options})
+    """Starts an embedded Ray cluster, as a local run does (`options` go to `ray.init`; a
+    `_system_config` among them adds to `RAY_SYSTEM_CONFIG`, or replaces its values)."""
+    system = {**RAY_SYSTEM_CONFIG, **options.pop("_system_config", {})}  # (a new dict: Ray adds to it)
+    ray.init(address="local", include_dashboard=False, _system_config=system, **options)
 
 
 def connect(address: str | None) -> bool:
