@@ -18,7 +18,7 @@ Measures, on the same clips, VAE and cores:
   decoding processes below the model's CPU priority; each job row says where its actor's time went
   (the model, waiting for decoding, the rest);
 - baseline "loop": one process decoding, encoding and saving each clip as a trainer's caching
-  script does;
+  script does (a new process, whose heap grows from nothing as the job's actor's does);
 - baseline "ray-data": Ray Data's `read_webdataset` -> decode -> `map_batches` with VAE actors ->
   `write_parquet` (needs pandas: `pip install pandas`; skipped without it).
 
@@ -33,12 +33,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +135,7 @@ def encode_only(
         "frames": calls * batch * request.num_frames,
         "seconds": seconds,
         "tflops": round(tflops, 4),
+        "pid": os.getpid(),  # (this process: the loop's is another)
     }
     if peak_tflops:
         result["mfu"] = round(tflops / peak_tflops, 4)
@@ -228,7 +232,8 @@ def end_to_end(shards: list[Path], out: Path, args: argparse.Namespace) -> list[
 def loop_baseline(
     videos: list[tuple[str, bytes]], request: ClipRequest, args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
-    """What trainers' caching scripts do: one process, decode, encode, save a file per clip."""
+    """What trainers' caching scripts do: one process, decode, encode, save a file per clip (run in a
+    process of its own, `in_new_process`, as such a script is)."""
     from safetensors.torch import save_file
 
     from vae import encode_video, get_preset, load_vae
@@ -248,7 +253,17 @@ def loop_baseline(
             z, _ = encode_video(model, spec, clip.pixels[None].to(args.device, dtype))
             save_file({"latent": z[0].float().cpu().contiguous()}, str(out / f"{key}.safetensors"))
             frames += clip.pixels.shape[1]
-    return {"name": "baseline: single-process loop", "frames": frames, "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return {"name": "baseline: single-process loop", "frames": frames, "seconds": seconds, "pid": os.getpid()}
+
+
+def in_new_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """`fn(*args)` in a new process, with the job's allocator settings: its heap grows from nothing,
+    as the job's actor's does, instead of reusing what this process's earlier measurements freed
+    (16x256x256 clips in batches of 4 grow it by gigabytes, faulted in page by page)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=reuse_freed_memory) as pool:
+        return pool.submit(fn, *args).result()
 
 
 class _RayDataEncoder:
@@ -405,7 +420,7 @@ def one_round(
 
     rows = decode_only(videos, request, args.decode_processes)
     rows.append(encode_only(args.preset, request, args.batch, len(videos), args.device, args.peak_tflops))
-    rows.append(loop_baseline(videos, request, args, out / "loop"))
+    rows.append(in_new_process(loop_baseline, videos, request, args, out / "loop"))
     rows.append(start_ray())
     try:
         rows += end_to_end(shards, out / "job", args)

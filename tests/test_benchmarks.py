@@ -55,6 +55,8 @@ def test_the_throughput_benchmark_runs_the_job_and_the_loop_on_one_dataset(tmp_p
     by_name = {r["name"]: r for r in rows}
     for name in ("decode, 1 thread", "encode, batch 4", "baseline: single-process loop", "job, end to end"):
         assert by_name[name]["frames"] == 8 * 40, name  # every clip, 40 frames each (each video is long enough)
+    # The loop runs in a process of its own, as a trainer's script does (its heap grows as the actor's)
+    assert by_name["baseline: single-process loop"]["pid"] != by_name["encode, batch 4"]["pid"]
     assert by_name["job, end to end"]["clips"] == by_name["job, float32 host frames"]["clips"] == 8
     assert by_name["job, Ray's workers at its default nice 15"]["clips"] == 8  # on a cluster started again
     job = by_name["job, end to end"]  # where its actor's time went (the first shard may wait for nothing)
