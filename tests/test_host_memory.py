@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from jobs.orchestration.host_memory import reuse_freed_memory
-
 REPO = Path(__file__).resolve().parents[1]
 
 # In a process of its own (the allocator's settings are the whole process's, and cannot be undone):
@@ -60,12 +58,11 @@ def test_the_encoder_reuses_freed_host_memory_instead_of_faulting_it_in_at_every
 
 
 # The page faults of allocating, filling and freeing a block again, after a first time, through the
-# C library itself: a 48 MiB block is past the size glibc maps apart (32 MiB at most), a 600 MiB one
-# past the 512 MiB of freed memory that this module once let the heap keep.
+# C library itself. By default glibc always maps a 48 MiB block on its own (its dynamic threshold
+# stops at 32 MiB) and unmaps it when freed; a freed 600 MiB block is past the 512 MiB that this
+# module once let the heap keep, and would be trimmed.
 REFILL = """
 import ctypes, json, resource, sys
-from jobs.orchestration.host_memory import reuse_freed_memory
-
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -100,10 +97,20 @@ def test_large_blocks_come_back_from_the_heap_without_page_faults():
 
     default, reused = refill(reuse=False), refill(reuse=True)
     for mib in ("48", "600"):
-        pages = 2 * int(mib) * 256  # two rounds of 4 KiB pages
-        assert default[mib] > pages // 2, (mib, default)  # glibc's own rules fault them in again
-        assert reused[mib] < pages // 100, (mib, reused)
+        pages = 2 * int(mib) * 256  # two rounds of 4 KiB pages (fewer faults where pages are huge)
+        assert reused[mib] < pages // 100, (mib, reused)  # (a few, from Python's own allocations)
+        assert default[mib] > 10 * max(1, reused[mib]), (mib, default)  # glibc's own rules fault it in
 
 
 def test_the_allocator_is_set_where_the_c_library_is_glibc():
-    assert reuse_freed_memory() is (platform.libc_ver()[0] == "glibc")
+    # (in a process of its own: the settings are the whole process's, and would stay with this one)
+    code = "from jobs.orchestration.host_memory import reuse_freed_memory; print(reuse_freed_memory())"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(platform.libc_ver()[0] == "glibc")]

@@ -143,8 +143,8 @@ class RunConfig:
     uint8_frames: bool = True
     # The actor's C allocator keeps freed host memory for the next batch instead of handing it back
     # to the kernel and faulting it in again, zeroed, page by page: on CPU the model runs 1.25x
-    # faster at 64x64 and 2x at 256x256, its process holding up to about twice its peak host memory
-    # (jobs/orchestration/host_memory.py); glibc only, the same bytes
+    # faster at 64x64 and 2x at 256x256, its process holding up to about twice the host memory it
+    # holds with glibc's defaults (jobs/orchestration/host_memory.py); glibc only, the same bytes
     reuse_host_memory: bool = True
     # `torch.compile` of the VAE's encoder: faster after a compile per input shape (a bucket's batch);
     # the latents' last bits move, so it is part of the fingerprint
