@@ -63,6 +63,8 @@ def test_the_encoder_reuses_freed_host_memory_instead_of_faulting_it_in_at_every
 # module once let the heap keep, and would be trimmed.
 REFILL = """
 import ctypes, json, resource, sys
+from jobs.orchestration.host_memory import reuse_freed_memory
+
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
