@@ -18,7 +18,7 @@ order of the shapes and has no fixed cap: about twice what the process holds wit
 
     reuse_freed_memory()   # once, in the process that runs the model (`run.reuse_host_memory`)
 
-flux-ae-tiny on 2 CPU cores (AMD EPYC, glibc 2.36), frames/s: its encoder alone on random clips of
+flux-ae-tiny on 2 CPU cores (Intel Xeon, glibc 2.36), frames/s: its encoder alone on random clips of
 8x256x256 (batch 1 and 4) and 8x64x64 (batch 4), and a shard encoder in-process on 36 generated
 clips of 16x256x256 (batch 4), with that process's peak resident memory:
 
