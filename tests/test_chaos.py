@@ -216,6 +216,30 @@ def test_an_actor_slow_to_start_holds_up_no_other(data, clean, tmp_path):
     compare("an encoder actor slow to start", out, clean)
 
 
+def test_the_only_actor_killed_while_it_starts_is_replaced(data, clean, tmp_path):
+    """The one encoder actor is SIGKILLed while it starts (the OOM killer during its model's load, a
+    preempted node): the pool starts another in its place instead of ending the job."""
+    out = tmp_path / "out"
+    result = run(data, out, "--workers", "1", env={FAULT_ENV: f"crash-start@{tmp_path / 'fired'}"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "an encoder actor died while it started" in result.stderr
+    compare("the only encoder actor killed while it starts", out, clean)
+
+
+def test_an_actor_killed_while_it_starts_beside_a_running_one_is_replaced_and_works(data, clean, tmp_path):
+    """Two actors; one is SIGKILLed three seconds into its start, after the other has begun the run
+    (each commit a second longer, so the run outlasts both starts): the one started in its place
+    joins the run and encodes shards too."""
+    out = tmp_path / "out"
+    faults = f"crash-start=3@{tmp_path / 'fired'},slow-commit"
+    result = run(data, out, "--workers", "2", env={FAULT_ENV: faults})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "an encoder actor died while it started" in result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["actors"]) == 2 and report["ok"] == SHARDS * 3, report["actors"]
+    compare("an actor killed while starting, beside another", out, clean)
+
+
 def test_losing_a_worker_node_mid_run(data, clean, tmp_path):
     """A `ray.cluster_utils.Cluster` of a head and two one-CPU worker nodes, one actor each; the
     second node is removed while its actor encodes a shard: that shard is redone on the other."""

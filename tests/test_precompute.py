@@ -464,12 +464,14 @@ def test_no_placeable_worker_or_a_bad_seed_is_one_line(ray_cluster, demo_shards,
     assert capsys.readouterr().err.strip() == "error: vae.seed must be in [0, 2**63); got 18446744073709551616"
 
 
-def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_shards, tmp_path):
+def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_shards, tmp_path, capsys):
     config = small_config(demo_shards[:1], tmp_path / "o")
     plan = make_plan(config, check_config(config), has_gpus=False)
     plan.config.vae.seed = 2**64  # past the check: the real constructor fails (torch cannot seed with it)
     with pytest.raises(RunFailed, match=r"^no encoder actor could start: .*(Overflow|RuntimeError)"):
         EncoderPool(plan, 1, 0)
+    # A constructor that raised would raise again: not started anew (as an actor killed while it starts is)
+    assert "starting another" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

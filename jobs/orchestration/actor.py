@@ -35,6 +35,7 @@ class EncoderActor:
         """`config` is `dataclasses.asdict` of the resolved `JobConfig`, `first` the `(source, name)` of
         `ShardEncoder`'s `first`; the rest as `ShardEncoder`'s."""
         fault("slow-start")  # (the failure tests' slow node: off unless its environment asks)
+        fault("crash-start")  # (and an actor killed while it starts)
         forkserver.start()  # a server that dies at once is started again by the pool, which says why if it cannot
         from jobs.inputs.shards import Shard  # torch, beside the fork server's imports
         from jobs.orchestration.config import JobConfig, from_dict

@@ -77,8 +77,9 @@ class EncoderPool:
     """The encoder actors, each holding one VAE (on one GPU when the cluster has GPUs).
 
     An actor that dies is not reused: it is killed and replaced by a fresh one, which loads
-    the model again. Replacements are bounded, so a node that kills every actor (a broken GPU,
-    a model that cannot load) ends the job instead of looping.
+    the model again, and so is one killed while it starts. Replacements are bounded, so a node
+    that kills every actor (a broken GPU) ends the job instead of looping; an actor whose
+    constructor raised (a model that cannot load) is not started again.
 
     The run starts as soon as one of the first `count` actors is ready; `schedule` gives the others
     shards as they become ready (`settle`), so a slow node or disk holds up only its own actor.
@@ -126,13 +127,24 @@ class EncoderPool:
             self.say(f"encoder actors ready: {self._where()}; {more} more starting, each given shards once ready")
 
     def settle(self, ref: Any) -> Any | None:
-        """One of the first actors' `ready()` resolved: the actor if it is ready; else it is dropped,
-        with its reason, and None."""
+        """One of the first actors' `ready()` resolved: the actor if it is ready; else None. One whose
+        process died while it started (the OOM killer during its model's load, a node preempted) is
+        replaced while replacements are left: the new one joins `starting`. One whose constructor
+        raised (a model that cannot load) would raise again: it is dropped, with its reason."""
         actor = self.starting.pop(ref)
         try:
             self._devices.append(ray.get(ref))
-        except ray.exceptions.RayError as e:  # its constructor raised (a model that cannot load, ...)
-            self._failed(actor, creation_error(e))
+        except ray.exceptions.RayError as e:
+            if died_starting(e) and self.replacements_left > 0:
+                self.replacements_left -= 1
+                self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
+                self.drop(actor)
+                self.say(f"an encoder actor died while it started ({creation_error(e)}); starting another")
+                ((fresh, fresh_ref),) = self._start(1)
+                self.starting[fresh_ref] = fresh
+                self.deadline = max(self.deadline, time.monotonic() + self._plan.config.run.actor_start_timeout)
+            else:
+                self._failed(actor, creation_error(e))
             return None
         self._announce()
         return actor
@@ -284,6 +296,12 @@ def withdraw_gpu_request() -> None:
     request_resources(bundles=[])
 
 
+def died_starting(e: BaseException) -> bool:
+    """Whether an actor's `ready()` failed because its process (or node) died, not because its
+    constructor raised."""
+    return isinstance(e, ray.exceptions.RayActorError) and not e.actor_init_failed
+
+
 def creation_error(e: BaseException) -> str:
     """The reason an actor's constructor failed: the last line of Ray's remote traceback."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines()]
@@ -359,6 +377,8 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                     idle.append(actor)
                 else:
                     forget_ahead(actor)
+                    for fresh_ref, fresh in pool.starting.items():  # (one started in its place)
+                        starting.setdefault(fresh_ref, (fresh, pool.deadline))
                 continue
             try:
                 ray.get(ref)
