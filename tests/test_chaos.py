@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def wait_for_commits(out: Path, n: int, process: subprocess.Popen[bytes], timeou
     raise AssertionError(f"the run did not commit {n} shards (exit {process.poll()})")
 
 
+def kill_an_encoder(job: subprocess.Popen[bytes], then: Callable[[], None] | None = None) -> list[int]:
+    """SIGKILLs the first encoder actor of `job` (its embedded Ray only) seen running a shard, once
+    one is (`then` is called just before); the pid killed, or none if the job ended first."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.poll() is None:
+        for pid in encoder_pids(ancestor=job.pid):
+            if then is not None:
+                then()
+            os.kill(pid, signal.SIGKILL)
+            return [pid]
+        time.sleep(0.02)
+    return []
+
+
 def data_files(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".tar", ".parquet")
@@ -118,13 +133,7 @@ def test_one_actor_and_the_shards_in_reverse_order_give_the_same_bytes(data, cle
 def test_sigkill_of_an_encoder_actor_mid_shard(data, clean, tmp_path):
     out = tmp_path / "out"
     first = start(data, out, "--workers", "2")
-    deadline, killed = time.monotonic() + 120, []
-    while not killed and time.monotonic() < deadline and first.poll() is None:
-        for pid in encoder_pids(ancestor=first.pid):  # this job's embedded Ray only
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-            break
-        time.sleep(0.02)
+    killed = kill_an_encoder(first)
     _, stderr = first.communicate(timeout=300)
     assert killed and first.returncode == 0, stderr[-2000:]
     assert b"retrying" in stderr
@@ -238,6 +247,19 @@ def test_an_actor_killed_while_it_starts_beside_a_running_one_is_replaced_and_wo
     report = json.loads((out / "report.json").read_text())
     assert len(report["actors"]) == 2 and report["ok"] == SHARDS * 3, report["actors"]
     compare("an actor killed while starting, beside another", out, clean)
+
+
+def test_a_replacement_killed_while_it_starts_is_replaced_too(data, clean, tmp_path):
+    """The only actor is SIGKILLed mid-shard, and the one started in its place is SIGKILLed while it
+    starts (the fault is armed only then): a third one finishes the run."""
+    out, armed = tmp_path / "out", tmp_path / "fired"
+    armed.touch()  # (present: the fault has "fired" already, and the first actor starts as usual)
+    first = start(data, out, "--workers", "1", env={FAULT_ENV: f"crash-start@{armed}"})
+    killed = kill_an_encoder(first, then=armed.unlink)  # and the next actor to start is killed
+    _, stderr = first.communicate(timeout=300)
+    assert killed and first.returncode == 0, stderr[-2000:]
+    assert armed.exists() and b"a replacement encoder actor failed to start" in stderr
+    compare("a replacement killed while it starts", out, clean)
 
 
 def test_losing_a_worker_node_mid_run(data, clean, tmp_path):

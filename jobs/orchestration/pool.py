@@ -385,7 +385,10 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 idle.append(actor)
             except ray.exceptions.RayError as e:
                 log.warning("a replacement encoder actor failed to start: %s", creation_error(e))
-                pool.drop(actor)
+                if not died_starting(e):  # its constructor raised: it would raise again
+                    pool.drop(actor)
+                elif (fresh := pool.replace(actor)) is not None:  # killed while it started: another
+                    starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
         for ref, (actor, deadline) in list(starting.items()):
             if time.monotonic() > deadline:  # no room left for it (a node was lost): the others go on
                 del starting[ref]
