@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 
 # In a process of its own (the allocator's settings are the whole process's, and cannot be undone):
@@ -55,53 +53,6 @@ def test_the_encoder_reuses_freed_host_memory_instead_of_faulting_it_in_at_every
     reused = _faults(demo_shards, tmp_path / "reused", reuse=True)
     default = _faults(demo_shards, tmp_path / "default", reuse=False)
     assert reused * 5 < default, (reused, default)
-
-
-# The page faults of allocating, filling and freeing a block again, after a first time, through the
-# C library itself. By default glibc always maps a 48 MiB block on its own (its dynamic threshold
-# stops at 32 MiB) and unmaps it when freed; a freed 600 MiB block is past the 512 MiB that this
-# module once let the heap keep, and would be trimmed.
-REFILL = """
-import ctypes, json, resource, sys
-from jobs.orchestration.host_memory import reuse_freed_memory
-
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
-if sys.argv[1] == "1":
-    reuse_freed_memory()
-faults = {}
-for mib in (48, 600):
-    for round in range(3):
-        if round == 1:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = libc.malloc(mib * 2**20)
-        libc.memset(block, 1, mib * 2**20)
-        libc.free(block)
-    faults[mib] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-print(json.dumps(faults))
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
-def test_large_blocks_come_back_from_the_heap_without_page_faults():
-    def refill(reuse: bool) -> dict[str, int]:
-        done = subprocess.run(
-            [sys.executable, "-c", REFILL, "1" if reuse else "0"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    default, reused = refill(reuse=False), refill(reuse=True)
-    for mib in ("48", "600"):
-        pages = 2 * int(mib) * 256  # two rounds of 4 KiB pages (fewer faults where pages are huge)
-        assert reused[mib] < pages // 100, (mib, reused)  # (a few, from Python's own allocations)
-        assert default[mib] > 10 * max(1, reused[mib]), (mib, default)  # glibc's own rules fault it in
 
 
 def test_the_allocator_is_set_where_the_c_library_is_glibc():

@@ -141,10 +141,9 @@ class RunConfig:
     # leave the decoding processes as uint8 and become [-1, 1] floats on the encoder's device: a
     # quarter of the bytes through shared memory, host RAM and the copy to the GPU (the same bits)
     uint8_frames: bool = True
-    # The actor's C allocator keeps freed host memory for the next batch instead of handing it back
-    # to the kernel and faulting it in again, zeroed, page by page: on CPU the model runs 1.25x
-    # faster at 64x64 and 2x at 256x256, its process holding up to about twice the host memory it
-    # holds with glibc's defaults (jobs/orchestration/host_memory.py); glibc only, the same bytes
+    # The actor's C allocator keeps freed host memory (up to 512 MiB) for the next batch instead of
+    # handing it back to the kernel and faulting it in again, zeroed, page by page: on CPU the model
+    # runs 1.25x faster (jobs/orchestration/host_memory.py); glibc only, the same bytes
     reuse_host_memory: bool = True
     # `torch.compile` of the VAE's encoder: faster after a compile per input shape (a bucket's batch);
     # the latents' last bits move, so it is part of the fingerprint

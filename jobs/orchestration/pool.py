@@ -135,16 +135,14 @@ class EncoderPool:
         try:
             self._devices.append(ray.get(ref))
         except ray.exceptions.RayError as e:
-            if died_starting(e) and self.replacements_left > 0:
-                self.replacements_left -= 1
-                self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
-                self.drop(actor)
-                self.say(f"an encoder actor died while it started ({creation_error(e)}); starting another")
-                ((fresh, fresh_ref),) = self._start(1)
-                self.starting[fresh_ref] = fresh
-                self.deadline = max(self.deadline, time.monotonic() + self._plan.config.run.actor_start_timeout)
-            else:
+            fresh = self.replace(actor) if died_starting(e) else None
+            if fresh is None:
                 self._failed(actor, creation_error(e))
+                return None
+            self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
+            self.say(f"an encoder actor died while it started ({creation_error(e)}); starting another")
+            self.starting[fresh[1]] = fresh[0]
+            self.deadline = max(self.deadline, time.monotonic() + self._plan.config.run.actor_start_timeout)
             return None
         self._announce()
         return actor
