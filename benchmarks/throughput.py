@@ -260,7 +260,7 @@ def loop_baseline(
 def in_new_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
     """`fn(*args)` in a new process, with the job's allocator settings: its heap grows from nothing,
     as the job's actor's does, instead of reusing what this process's earlier measurements freed
-    (encode-only's batches of 4 clips of 16x256x256 leave gigabytes behind)."""
+    (encode-only's batches leave up to `host_memory.TRIM_THRESHOLD` freed in it)."""
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, initializer=reuse_freed_memory) as pool:
         return pool.submit(fn, *args).result()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -472,6 +473,21 @@ def test_an_actor_that_fails_to_start_is_a_one_line_reason(ray_cluster, demo_sha
         EncoderPool(plan, 1, 0)
     # A constructor that raised would raise again: not started anew (as an actor killed while it starts is)
     assert "starting another" not in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_never_placed_is_given_up_at_its_deadline(ray_cluster, demo_shards, tmp_path):
+    """An actor the cluster cannot place (past the check: more CPUs than it has) is dropped once
+    `run.actor_start_timeout` is up, instead of keeping the job waiting forever."""
+    config = small_config(demo_shards[:1], tmp_path / "o", run={"actor_start_timeout": 1.0})
+    plan = make_plan(config, check_config(config), has_gpus=False)
+    plan.config.run.cpus_per_worker = 64
+    started = time.monotonic()
+    with pytest.raises(
+        RunFailed, match=r"^no encoder actor could start: not started within run.actor_start_timeout = 1 s$"
+    ):
+        EncoderPool(plan, 1, 0)
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize(

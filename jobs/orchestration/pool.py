@@ -73,6 +73,15 @@ def _terminated(signum: int, frame: Any) -> None:
     raise Terminated("SIGTERM")
 
 
+@dataclasses.dataclass
+class _Starting:
+    """An actor being placed and loaded, until its `ready()` resolves."""
+
+    actor: Any
+    deadline: float  # placed and loaded by then, or dropped (no room to place it)
+    first: bool  # one of the first `count` (or started in place of one): how they all started is said once
+
+
 class EncoderPool:
     """The encoder actors, each holding one VAE (on one GPU when the cluster has GPUs).
 
@@ -81,11 +90,14 @@ class EncoderPool:
     that kills every actor (a broken GPU) ends the job instead of looping; an actor whose
     constructor raised (a model that cannot load) is not started again.
 
-    The run starts as soon as one of the first `count` actors is ready; `schedule` gives the others
-    shards as they become ready (`settle`), so a slow node or disk holds up only its own actor.
-    With `run.read_ahead`, the first actors are each given one of `first`, the shards they will
-    encode first, and read it while they load their model (`ShardEncoder`'s `first`): `self.first`
-    says which actor holds which (`schedule` gives each its own first).
+    Every actor starts the same way, whether one of the first `count`, a replacement or one for a
+    node that joined: it is in `starting` until its `ready()` resolves (`settle`), and is dropped if
+    it is not placed and loaded within `run.actor_start_timeout` (`expire`). The run starts as soon
+    as one of the first actors is ready; `schedule` gives the others shards as they become ready,
+    so a slow node or disk holds up only its own actor. With `run.read_ahead`, the first actors are
+    each given one of `first`, the shards they will encode first, and read it while they load their
+    model (`ShardEncoder`'s `first`): `self.first` says which actor holds which (`schedule` gives
+    each its own first).
     """
 
     def __init__(self, plan: Plan, count: int, gpus: float, first: Sequence[Shard] = ()) -> None:
@@ -102,24 +114,18 @@ class EncoderPool:
         firsts += [None] * (count - len(firsts))
         self.actors: list[Any] = []  # every live actor, ready or starting
         self.first: dict[Any, Shard] = {}  # actor id -> the shard it reads while it starts
-        # The first actors still starting: ready() ref -> actor. Each must be placed and loaded by
-        # `deadline` (an actor that cannot be placed would otherwise keep the job waiting forever).
-        self.starting: dict[Any, Any] = {}
+        self.starting: dict[Any, _Starting] = {}  # ready() ref -> the actor that is starting
         for shard in firsts:
-            actor = self._new(shard)
-            self.actors.append(actor)
-            self.starting[actor.ready.remote()] = actor
+            actor = self._start(first=True, shard=shard)
             if shard is not None:
                 self.first[actor._actor_id] = shard
-        self.deadline = time.monotonic() + run.actor_start_timeout
         self._count, self._devices, self._failures = count, [], []  # of the first actors
         self.ready: list[Any] = []  # the first actors ready when the pool is made
         while self.starting and not self.ready:
-            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, self.deadline - time.monotonic()))
-            if not done:
-                for ref in list(self.starting):
-                    self.expire(ref)
+            soonest = min(entry.deadline for entry in self.starting.values())
+            done, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(0.0, soonest - time.monotonic()))
             self.ready += [actor for actor in map(self.settle, done) if actor is not None]
+            self.expire()
         if not self.ready:
             raise RunFailed(f"no encoder actor could start: {self._failures[0]}")
         if self.starting:
@@ -127,37 +133,41 @@ class EncoderPool:
             self.say(f"encoder actors ready: {self._where()}; {more} more starting, each given shards once ready")
 
     def settle(self, ref: Any) -> Any | None:
-        """One of the first actors' `ready()` resolved: the actor if it is ready; else None. One whose
+        """A starting actor's `ready()` resolved: the actor if it is ready; else None. One whose
         process died while it started (the OOM killer during its model's load, a node preempted) is
         replaced while replacements are left: the new one joins `starting`. One whose constructor
         raised (a model that cannot load) would raise again: it is dropped, with its reason."""
-        actor = self.starting.pop(ref)
+        entry = self.starting.pop(ref)
         try:
-            self._devices.append(ray.get(ref))
+            device = ray.get(ref)
         except ray.exceptions.RayError as e:
-            fresh = self.replace(actor) if died_starting(e) else None
-            if fresh is None:
-                self._failed(actor, creation_error(e))
-                return None
-            self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
-            self.say(f"an encoder actor died while it started ({creation_error(e)}); starting another")
-            self.starting[fresh[1]] = fresh[0]
-            self.deadline = max(self.deadline, time.monotonic() + self._plan.config.run.actor_start_timeout)
+            reason = creation_error(e)
+            self.first.pop(entry.actor._actor_id, None)  # its first shard goes to the others with the rest
+            if died_starting(e) and self.replace(entry.actor, first=entry.first) is not None:
+                self.say(f"an encoder actor died while it started ({reason}); starting another")
+            else:
+                self._failed(entry, reason)
             return None
-        self._announce()
-        return actor
+        if entry.first:
+            self._devices.append(device)
+            self._announce()
+        return entry.actor
 
-    def expire(self, ref: Any) -> None:
-        """One of the first actors (its `ready()` ref) was not ready by `deadline` (no room to place
-        it): dropped."""
-        actor = self.starting.pop(ref)
-        timeout = self._plan.config.run.actor_start_timeout
-        self._failed(actor, f"not started within run.actor_start_timeout = {timeout:g} s")
+    def expire(self) -> list[Any]:
+        """The starting actors not ready by their deadline (no room to place them): dropped, and returned."""
+        now, timeout = time.monotonic(), self._plan.config.run.actor_start_timeout
+        late = [self.starting.pop(ref) for ref, entry in list(self.starting.items()) if now > entry.deadline]
+        for entry in late:
+            self._failed(entry, f"not started within run.actor_start_timeout = {timeout:g} s")
+        return [entry.actor for entry in late]
 
-    def _failed(self, actor: Any, reason: str) -> None:
+    def _failed(self, entry: _Starting, reason: str) -> None:
+        self.first.pop(entry.actor._actor_id, None)  # its first shard goes to the others with the rest
+        self.drop(entry.actor)
+        if not entry.first:  # a replacement, or one for a node that joined: the others go on
+            log.warning("a replacement encoder actor failed to start: %s", reason)
+            return
         self._failures.append(reason)
-        self.first.pop(actor._actor_id, None)  # its first shard goes to the others with the rest
-        self.drop(actor)
         if self._devices:  # the run has started: said now, not only once the other first actors are up
             self.say(f"an encoder actor failed to start: {reason}")
         self._announce()
@@ -173,28 +183,26 @@ class EncoderPool:
     def _where(self) -> str:
         return ", ".join(f"{self._devices.count(d)} on {d}" for d in sorted(set(self._devices)))
 
-    def replace(self, actor: Any) -> tuple[Any, Any] | None:
-        """Kills a failed actor and starts a new one: `(actor, its ready() ref)`, to be given shards
-        once that ref resolves (a node lost may leave no room to place it); None once replacements
-        are used up."""
+    def replace(self, actor: Any, first: bool = False) -> Any | None:
+        """Kills a failed actor and starts a new one in `starting` (given shards once it is ready; a
+        node lost may leave no room to place it); None once replacements are used up."""
         self.drop(actor)
         if self.replacements_left <= 0:
             return None
         self.replacements_left -= 1
-        (started,) = self._start(1)
-        return started
+        return self._start(first=first)
 
-    def grow(self, count: int) -> list[tuple[Any, Any]]:
-        """Starts `count` more actors (room appeared: a node joined); `(actor, its ready() ref)` each."""
-        return self._start(count)
+    def grow(self, count: int) -> None:
+        """Starts `count` more actors (room appeared: a node joined)."""
+        for _ in range(count):
+            self._start()
 
-    def _new(self, first: Shard | None = None) -> Any:
-        return self._remote.remote(*actor_args(self._plan, first))
-
-    def _start(self, count: int) -> list[tuple[Any, Any]]:
-        fresh = [self._new() for _ in range(count)]
-        self.actors += fresh
-        return [(actor, actor.ready.remote()) for actor in fresh]
+    def _start(self, first: bool = False, shard: Shard | None = None) -> Any:
+        actor = self._remote.remote(*actor_args(self._plan, shard))
+        self.actors.append(actor)
+        deadline = time.monotonic() + self._plan.config.run.actor_start_timeout
+        self.starting[actor.ready.remote()] = _Starting(actor, deadline, first)
+        return actor
 
     def drop(self, actor: Any) -> None:
         ray.kill(actor, no_restart=True)
@@ -319,10 +327,6 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
     errored: Counter[str] = Counter()
     idle = list(pool.ready)
     running: dict[Any, tuple[Any, Shard]] = {}
-    # Actors being placed and loaded: ready() ref -> (actor, deadline); the pool's first ones that were
-    # not ready when it was made, then replacements and actors for nodes that joined.
-    starting: dict[Any, tuple[Any, float]] = {ref: (actor, pool.deadline) for ref, actor in pool.starting.items()}
-    timeout = plan.config.run.actor_start_timeout
     labels: dict[Any, str] = {}  # actor id -> "w0", "w1", ... (a replacement gets a new one)
     dispatched: dict[str, float] = {}  # shard -> when its current attempt started
 
@@ -349,15 +353,14 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
             queue.appendleft(shard)
 
     checked = time.monotonic()
-    while running or ((queue or ahead) and (idle or starting)):
+    while running or ((queue or ahead) and (idle or pool.starting)):
         if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
             checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
             room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
             extra = min(room, len(queue))
             if extra > 0:
                 bar.note(f"the cluster grew: starting {extra} more encoder actors")
-                for actor, ref in pool.grow(extra):
-                    starting[ref] = (actor, time.monotonic() + timeout)
+                pool.grow(extra)
         while idle and (shard := next_shard(idle[-1])) is not None:
             actor = idle.pop()
             # (only from shards that no idle actor is about to take)
@@ -367,35 +370,15 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
             attempts[shard.name] += 1
             dispatched[shard.name] = time.monotonic()
             running[actor.encode_shard.options(num_returns="streaming").remote(shard, then)] = (actor, shard)
-        ready, _ = ray.wait([*running, *starting], num_returns=1, timeout=1.0)
-        for ref in [r for r in ready if r in starting]:
-            actor, _ = starting.pop(ref)
-            if ref in pool.starting:  # one of the first actors (the pool says how they all started)
-                if pool.settle(ref) is not None:
-                    idle.append(actor)
-                else:
-                    forget_ahead(actor)
-                    for fresh_ref, fresh in pool.starting.items():  # (one started in its place)
-                        starting.setdefault(fresh_ref, (fresh, pool.deadline))
-                continue
-            try:
-                ray.get(ref)
+        ready, _ = ray.wait([*running, *pool.starting], num_returns=1, timeout=1.0)
+        for ref in [r for r in ready if r in pool.starting]:
+            actor = pool.starting[ref].actor
+            if pool.settle(ref) is not None:
                 idle.append(actor)
-            except ray.exceptions.RayError as e:
-                log.warning("a replacement encoder actor failed to start: %s", creation_error(e))
-                if not died_starting(e):  # its constructor raised: it would raise again
-                    pool.drop(actor)
-                elif (fresh := pool.replace(actor)) is not None:  # killed while it started: another
-                    starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
-        for ref, (actor, deadline) in list(starting.items()):
-            if time.monotonic() > deadline:  # no room left for it (a node was lost): the others go on
-                del starting[ref]
+            else:  # failed (another may be starting in its place)
                 forget_ahead(actor)
-                if ref in pool.starting:
-                    pool.expire(ref)
-                    continue
-                log.warning("a replacement encoder actor was not placed within %g s; going on without it", timeout)
-                pool.drop(actor)
+        for actor in pool.expire():  # no room left for it (a node was lost): the others go on
+            forget_ahead(actor)
         for gen in [r for r in ready if r in running]:
             actor, shard = running[gen]
             try:
@@ -408,9 +391,7 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
                 del running[gen]
                 if isinstance(e, ray.exceptions.RayActorError):  # the process (or its node) died
                     forget_ahead(actor)
-                    fresh = pool.replace(actor)
-                    if fresh is not None:
-                        starting[fresh[1]] = (fresh[0], time.monotonic() + timeout)
+                    pool.replace(actor)
                 else:
                     idle.append(actor)
                 bar.update(
