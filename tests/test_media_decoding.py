@@ -45,6 +45,19 @@ def test_every_codec_and_container_gives_the_frames_asked_for(media, name):
     assert (decoded.info.width, decoded.info.height, decoded.info.num_frames) == (width, height, clip.frames)
 
 
+def test_frames_an_edit_list_hides_are_neither_counted_nor_shown(media):
+    """An mp4 cut without re-encoding (`h264-cut.mp4`): the frames before its edit list's start are
+    decoded for reference but never shown, by FFmpeg or by Open-Sora's reader; a clip from the
+    start begins with the first frame shown, not with it repeated over the hidden ones' times."""
+    data, shown = media["h264-cut.mp4"], 25 - make_media.CUT_FRAMES
+    info = VideoFile(data).info
+    assert (info.num_frames, info.packets, info.claimed_frames) == (shown, shown, 25)
+    for policy, start in [("first", 0), ("middle", (shown - 4) // 2)]:
+        (clip,) = read_clips(data, ClipRequest(num_frames=4, height=48, width=48, policy=policy))
+        first = make_media.CUT_FRAMES + start
+        assert identities(clip.pixels) == list(range(first, first + 4)), policy
+
+
 def test_only_the_clip_is_decoded_from_the_keyframe_before_it(tmp_path):
     path = make_media.write_clip(tmp_path / "gop5.mp4", make_media.Clip("libx264", frames=25, options={"g": "5"}))
     video = VideoFile(path.read_bytes())

@@ -58,7 +58,7 @@ class VideoInfo:
     duration: float  # seconds; 0.0 when unknown
     codec: str
     rotation: int = 0  # degrees the stored frames are turned counter-clockwise for display
-    packets: int = 0  # frames the file holds (its video packets)
+    packets: int = 0  # frames the file shows (its video packets, less any an edit list hides)
     claimed_frames: int = 0  # frames the container's header claims; 0 when it does not say
 
 
@@ -231,7 +231,7 @@ class VideoFile:
         with _ffmpeg_log() as log, self._opened() as container:
             stream = container.streams.video[0]
             self.time_base = float(stream.time_base or 0)
-            times, first = self._scan(container, stream)
+            times, hidden, first = self._scan(container, stream)
             _raise_on_damage(log, "reading the container")
             claimed = 0 if self.image else stream.frames or 0
             rate = 0.0 if self.image else float(stream.average_rate or stream.guessed_rate or 0)
@@ -242,7 +242,7 @@ class VideoFile:
             codec = stream.codec_context.name
         if not times:
             raise VideoError(f"no frames: the video stream is empty (the container claims {claimed})")
-        if claimed > len(times):
+        if claimed > len(times) + hidden:  # (the container counts the hidden ones too)
             raise VideoError(f"truncated: the container promises {claimed} frames, {len(times)} are in the file")
         if first is None:
             raise VideoError(f"no frame could be decoded of {len(times)} in the container")
@@ -292,9 +292,13 @@ class VideoFile:
 
     def _scan(
         self, container: av.container.InputContainer, stream: av.video.stream.VideoStream
-    ) -> tuple[array[float], av.VideoFrame | None]:
-        """Every packet's presentation time (NaN where it has none), and the first decoded frame."""
+    ) -> tuple[array[float], int, av.VideoFrame | None]:
+        """Every shown packet's presentation time (NaN where it has none); how many packets are
+        decoded but never shown (before the start of an mp4's edit list, as a cut made without
+        re-encoding leaves them: FFmpeg flags them "discard", and neither it nor Open-Sora's reader
+        returns their frames); and the first decoded frame."""
         times: array[float] = array("d")
+        hidden = 0
         first = None
         limit = self.limits.max_frames
         self._check_size(stream.codec_context.width, stream.codec_context.height)  # before any frame is decoded
@@ -303,8 +307,11 @@ class VideoFile:
                 if packet.size == 0:  # the demuxer's end-of-stream packet
                     continue
                 pts = packet.pts if packet.pts is not None else packet.dts
-                times.append(math.nan if pts is None else pts * self.time_base)
-                if limit is not None and len(times) > limit:
+                if packet.is_discard:
+                    hidden += 1  # (still decoded: the frames shown after it may refer to it)
+                else:
+                    times.append(math.nan if pts is None else pts * self.time_base)
+                if limit is not None and len(times) + hidden > limit:
                     raise VideoError(f"over {limit} frames (limits.max_frames)")
                 if first is None:
                     for frame in stream.decode(packet):
@@ -322,7 +329,7 @@ class VideoFile:
             if not times:
                 raise VideoError(f"cannot read video packets: {describe_error(e)}") from e
             # A damaged tail: the frames before it are what the sample holds.
-        return times, first
+        return times, hidden, first
 
     def _check_frame(self, frame: av.VideoFrame) -> None:
         self._check_size(frame.width, frame.height)
