@@ -10,9 +10,9 @@ from jobs.dataset.catalog import (
     DatasetBusy,
     DatasetError,
     JobRecord,
-    committed,
     existing_job,
     output_lock,
+    read_commit,
     read_job,
     write_job,
     write_manifest,
@@ -52,15 +52,19 @@ def test_a_new_or_empty_directory_has_no_job_and_anything_else_is_refused(tmp_pa
         read_job(tmp_path / "new")
 
 
-def test_committed_needs_this_jobs_fingerprint_and_input(tmp_path):
+def test_a_marker_is_read_back_and_one_that_cannot_be_read_is_an_error_not_an_absence(tmp_path):
     writer = ShardWriter(tmp_path, "s0", "/d/s0.tar", {"fingerprint": FINGERPRINT})
     writer.add_error("k", 0, "cannot open video")
     writer.add_shard_error("tar read error after 1 samples: ReadError: unexpected end of data")
     marker = writer.commit()
-    assert committed(tmp_path, "s0", FINGERPRINT, "/d/s0.tar") == marker
-    assert committed(tmp_path, "s0", "f" * 16, "/d/s0.tar") is None
-    assert committed(tmp_path, "s0", FINGERPRINT, "/elsewhere/s0.tar") is None
-    assert committed(tmp_path, "s1", FINGERPRINT, "/d/s1.tar") is None
+    assert read_commit(tmp_path, "s0", verify=True) == marker
+    assert marker["fingerprint"] == FINGERPRINT and marker["source"] == "/d/s0.tar"
+    assert read_commit(tmp_path, "s1") is None  # no marker: not committed
+    # An I/O error (here a link that loops) says nothing about the commit: raised, not taken for "none"
+    loop = tmp_path / "_commits" / "s1.json"
+    loop.symlink_to(loop)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        read_commit(tmp_path, "s1")
     rows = read_metadata(tmp_path).to_pylist()
     assert [(r["key"], r["index"]) for r in rows] == [("k", 0), (SHARD_ROW_KEY, -1)]
 

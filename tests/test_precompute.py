@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +146,60 @@ def test_a_shard_not_committed_by_these_settings_is_redone(clean_run, demo_shard
     summary = run(small_config(demo_shards, out))
     assert summary.shards_written == 1 and summary.shards_skipped == 2 and summary.ok == 4
     assert _digests(out) == before
+
+
+def test_a_shard_committed_from_another_input_of_its_name_is_refused_or_kept_as_moved(
+    ray_cluster, demo_shards, tmp_path
+):
+    """A rerun whose input has a committed shard's name but another source (other data under the
+    same name, or the same data moved): refused before anything changes; `run.inputs_moved` keeps
+    what is committed. (Encoding it again would first withdraw the committed shard's marker, and a
+    failed attempt would then leave neither.)"""
+    out = tmp_path / "o"
+    run(small_config(demo_shards[:1], out))
+    before, job = _digests(out), (out / "job.json").read_bytes()
+    moved = tmp_path / "elsewhere" / demo_shards[0].name
+    moved.parent.mkdir()
+    shutil.copy(demo_shards[0], moved)
+    name = demo_shards[0].stem
+    expected = f"1 shards of this run are committed in {out} from other inputs under the same names: {name} from "
+    with pytest.raises(UsageError, match=re.escape(f"{expected}{demo_shards[0]}, which this run reads from {moved}.")):
+        run(small_config([moved], out))
+    assert _digests(out) == before and (out / "job.json").read_bytes() == job
+    assert (out / "_commits" / f"{name}.json").is_file()
+    summary = run(small_config([moved], out, run={"inputs_moved": True}))
+    assert summary.shards_skipped == 1 and summary.shards_written == 0 and _digests(out) == before
+
+
+def test_a_marker_that_cannot_be_read_ends_the_run_and_is_kept(ray_cluster, demo_shards, tmp_path):
+    """An I/O error reading a marker (here a link that loops; an EIO, an object store's 503) says
+    nothing about the commit: the run ends with it instead of withdrawing the marker."""
+    out = tmp_path / "o"
+    run(small_config(demo_shards[:1], out))
+    before = _digests(out)
+    marker = out / "_commits" / f"{demo_shards[0].stem}.json"
+    marker.unlink()
+    marker.symlink_to(marker)
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        run(small_config(demo_shards[:1], out))
+    assert marker.is_symlink() and _digests(out) == before
+
+
+def test_a_withdrawn_marker_takes_the_manifest_with_it(ray_cluster, demo_shards, tmp_path):
+    """The manifest lists every committed shard: once a shard's marker is withdrawn (its files no
+    longer match it), the manifest would name a shard that is not there, so it goes too, until the
+    run completes again."""
+    out = tmp_path / "o"
+    config = small_config(demo_shards[:1], out)
+    run(config)
+    assert (out / "manifest.json").is_file()
+    tar = out / "latents" / f"{demo_shards[0].stem}.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # the same size: only the checksum tells
+    tar.write_bytes(bytes(data))
+    pending = prepare_output(make_plan(config, check_config(config), has_gpus=False))
+    assert [s.name for s in pending] == [demo_shards[0].stem]
+    assert not (out / "manifest.json").exists() and not (out / "_commits" / f"{demo_shards[0].stem}.json").exists()
 
 
 def test_leftovers_of_an_interrupted_run_are_removed_before_it_goes_on(demo_shards, tmp_path):

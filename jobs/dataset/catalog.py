@@ -115,6 +115,11 @@ def read_commit(root: Root, name: str, verify: bool = False) -> dict[str, Any] |
 
     The files the marker names must exist with the recorded sizes; with `verify`, also with the
     recorded sha256 (this reads them: a same-size corruption passes without it).
+
+    Raises:
+        OSError: The marker or its files could not be read (an I/O or network error): whether the
+            shard is committed is not known, and a caller that took it for not committed would
+            remove its marker.
     """
     store = open_store(root)
     try:
@@ -125,15 +130,9 @@ def read_commit(root: Root, name: str, verify: bool = False) -> dict[str, Any] |
                 return None
             if verify and store.sha256(rel) != marker[part]["sha256"]:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):  # absent, unreadable or not a marker of ours
+    except FileNotFoundError:  # no marker (or a file gone since it was sized)
         return None
-    return marker
-
-
-def committed(root: Root, name: str, fingerprint: str, source: str, verify: bool = False) -> dict[str, Any] | None:
-    """The marker of a shard committed by this job (same fingerprint, same input); else None."""
-    marker = read_commit(root, name, verify)
-    if marker is None or marker.get("fingerprint") != fingerprint or marker.get("source") != source:
+    except (ValueError, KeyError, TypeError):  # not a marker of ours
         return None
     return marker
 

@@ -148,6 +148,10 @@ class RunConfig:
     # `torch.compile` of the VAE's encoder: faster after a compile per input shape (a bucket's batch);
     # the latents' last bits move, so it is part of the fingerprint
     compile: bool = False
+    # A shard committed from another input under the same name (the output name is the shard's path
+    # after its SPEC's fixed folder) is refused, since other data would replace it; true: the inputs
+    # only moved (another mount, a copy in an object store), and what is committed stands
+    inputs_moved: bool = False
     max_attempts: int = 3  # tries per shard when a worker dies or raises
     actor_start_timeout: float = 600.0  # seconds an encoder actor may take to be placed and load its VAE
     scale_interval_s: float = 30.0  # with workers 0: how often the pool looks for new nodes to start actors on

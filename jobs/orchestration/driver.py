@@ -12,7 +12,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from typing import Any
 
 import ray
 
@@ -20,16 +19,16 @@ from jobs.dataset.catalog import (
     DatasetBusy,
     DatasetError,
     JobRecord,
-    committed,
     existing_job,
     json_bytes,
     output_lock,
+    read_commit,
     remove_uncommitted,
     withdraw_commit,
     write_job,
     write_manifest,
 )
-from jobs.dataset.layout import REPORT_FILE
+from jobs.dataset.layout import MANIFEST_FILE, REPORT_FILE
 from jobs.dataset.store import open_store
 from jobs.inputs.shards import Shard, count_samples
 from jobs.orchestration.config import JobConfig, Terminated, UsageError
@@ -68,9 +67,8 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
         try:
             resources = request_gpus(config.run) if config.run.gpus else ray.cluster_resources()
             plan = make_plan(config, shards, has_gpus=resources.get("GPU", 0) > 0, allow_shell=allow_shell)
-            prepare_output(plan)
+            pending = prepare_output(plan)
             summary = Summary(output=str(plan.root), fingerprint=plan.fingerprint)
-            pending = _pending(plan, shards)
             summary.shards_skipped = len(shards) - len(pending)
             if pending:
                 total = _count(pending)
@@ -127,8 +125,13 @@ def _write_report(plan: Plan, summary: Summary, started: float) -> None:
     open_store(plan.root).write(REPORT_FILE, json_bytes(report))
 
 
-def prepare_output(plan: Plan) -> None:
-    """Creates the output directory, or checks that it holds a job with the same settings."""
+def prepare_output(plan: Plan) -> list[Shard]:
+    """Creates the output directory, or checks that it holds a job with the same settings whose
+    shards of the same names came from these inputs; returns the shards still to encode.
+
+    Raises:
+        UsageError: Other settings, or shards committed from other inputs under these names.
+    """
     try:
         previous = existing_job(plan.root)
     except DatasetError as e:
@@ -142,6 +145,7 @@ def prepare_output(plan: Plan) -> None:
     removed = open_store(plan.root).cleanup()
     if removed:
         log.warning("removed %d temporary files or unfinished uploads left by an interrupted run", removed)
+    pending = _pending(plan, plan.shards)  # (refused before job.json would name these inputs)
     earlier = previous.inputs if previous is not None else []  # a rerun with other inputs adds to the dataset
     write_job(
         plan.root,
@@ -153,28 +157,41 @@ def prepare_output(plan: Plan) -> None:
             command=sys.argv,
         ),
     )
-
-
-def _committed(plan: Plan, shard: Shard, verify: bool = False) -> dict[str, Any] | None:
-    return committed(plan.root, shard.name, plan.fingerprint, shard.source, verify)
+    return pending
 
 
 def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
     """The shards to encode: those without a marker of this job whose files match its checksums.
 
     The marker of such a shard (its files corrupted, other settings) is removed first: the shard is
-    not committed, and a marker left in place would make its new attempt take it for committed."""
+    not committed, and a marker left in place would make its new attempt take it for committed.
+    `manifest.json` goes with it (it lists the shard). A marker that cannot be read (an I/O error,
+    not its absence) ends the run with that error instead; and a shard of the same name committed
+    from another input is refused, unless `run.inputs_moved` says it is the same data."""
     # sha256 checks read every byte: worth it on a disk (bit rot, a hand-edited file), not on an
     # object store, which checks each upload's checksum and keeps what it stored (sizes suffice).
     verify = not open_store(plan.root).checksummed
     with ThreadPoolExecutor(8) as pool:
-        done = list(pool.map(lambda s: _committed(plan, s, verify) is not None, shards))
-    pending = [s for s, d in zip(shards, done) if not d]
-    for shard in pending:
-        if withdraw_commit(plan.root, shard.name):
-            log.warning(
-                "shard %s: its commit marker does not match its files or settings; encoding it again", shard.name
-            )
+        markers = list(pool.map(lambda s: read_commit(plan.root, s.name, verify), shards))
+    ours = [m is not None and m.get("fingerprint") == plan.fingerprint for m in markers]
+    moved = [(s, m) for s, m, o in zip(shards, markers, ours) if o and m.get("source") != s.source]
+    if moved and not plan.config.run.inputs_moved:
+        shard, marker = moved[0]
+        raise UsageError(
+            f"{len(moved)} shards of this run are committed in {plan.root} from other inputs under the same "
+            f"names: {shard.name} from {marker.get('source')}, which this run reads from {shard.source}. If the "
+            "data only moved, set run.inputs_moved=true to keep what is committed; if it is other data, give it "
+            "other names (the part of the input SPEC after its fixed folder) or use another --output"
+        )
+    pending = [s for s, o in zip(shards, ours) if not o]
+    withdrawn = [s.name for s in pending if withdraw_commit(plan.root, s.name)]
+    if withdrawn:
+        open_store(plan.root).delete(MANIFEST_FILE)
+        log.warning(
+            "%d shards' commit markers do not match their files or settings (%s); encoding them again",
+            len(withdrawn),
+            ", ".join(withdrawn[:3]),
+        )
     return pending
 
 
