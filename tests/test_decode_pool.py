@@ -106,6 +106,34 @@ def test_a_fork_server_killed_and_reaped_is_started_afresh(pool):
     assert forkserver._forkserver._forkserver_pid not in (None, server)
 
 
+def _running(pid: int) -> bool:
+    """Whether `pid` runs (not gone, and not a zombie that no one has reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_decoding_process_ends_with_its_fork_server(pool):
+    """The fork server ends with the encoder actor that started it; its decoding processes end with
+    it, even one whose decode hangs (it would otherwise go on with no parent to end it). Here the
+    server is killed while a decoding process waits, alive, for the pool's next sample."""
+    import multiprocessing.forkserver as forkserver
+
+    assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()
+    children = [slot.process.pid for slot in pool._slots if slot.process is not None]
+    assert children and all(map(_running, children))
+    os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(map(_running, children))
+    for i in range(3):  # and the pool goes on, with a new server and new processes
+        assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
+
+
 MAIN_SCRIPT = """
 import os, sys
 if __name__ != "__main__":  # run again as `__mp_main__`, by a child process, before its work
@@ -134,6 +162,40 @@ def test_a_decoding_process_does_not_run_the_parents_main_module(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["8"]  # the four samples decoded, two frames each
     assert not noted.exists(), noted.read_text()
+
+
+NO_SHARED_MEMORY_SCRIPT = """
+import resource, signal
+from jobs.demo_data import demo_sample
+from jobs.inputs.decode_pool import ClipSpec, DecodePool
+from jobs.inputs.sampling import ClipRequest
+
+if __name__ == "__main__":
+    pool = DecodePool(1, timeout=60)
+    pool.submit(demo_sample(0, 0)["mp4"], ClipSpec(ClipRequest(2, 32, 32))).result()  # its process is up
+    # Files of this process (the shared memory it makes for a clip) may not grow past 64 KiB
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, resource.RLIM_INFINITY))
+    try:
+        pool.submit(demo_sample(0, 1)["mp4"], ClipSpec(ClipRequest(8, 64, 64))).result()  # 384 KiB
+    except OSError as e:
+        print("failed:", e.strerror)
+    (clip,) = pool.submit(demo_sample(0, 2)["mp4"], ClipSpec(ClipRequest(2, 32, 32))).result()  # 24 KiB
+    print("next:", tuple(clip.pixels.shape))
+    pool.close()
+"""
+
+
+def test_a_sample_whose_shared_memory_cannot_be_made_leaves_the_next_one_whole(tmp_path):
+    """The parent fails between the child's plan and the shared memory's name (no room for it): the
+    sample fails with the reason, and the next one is decoded as usual, not taken by a child still
+    waiting for the name (which would make it an error row with a reason of nonsense)."""
+    script = tmp_path / "main.py"
+    script.write_text(NO_SHARED_MEMORY_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == ["failed: File too large", "next: (3, 2, 32, 32)"]
 
 
 def _priorities(pool: DecodePool, expected: tuple[int, int]) -> list[tuple[int, int]]:

@@ -15,12 +15,15 @@ as uint8, a quarter of the bytes, and becomes float on the encoder's device (`si
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing as mp
 import multiprocessing.forkserver
 import multiprocessing.spawn
 import os
 import queue
+import signal
+import sys
 import threading
 import typing
 from collections.abc import Iterator
@@ -39,6 +42,7 @@ from jobs.inputs.video import Clip, DecodeLimits, FrameSizeChanged, RunClock, Vi
 from vae.errors import describe_error
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ def _child(conn: Connection, priority: DecodePriority) -> None:
     """A decoding process: (bytes, spec, key) in; ("plan", (plans, uint8 flags)) out, a shared memory
     name in, then ("ok", info) out, or the plan again in float32 (a frame changed size) and so on;
     or ("video", reason) out at any step."""
+    _end_with_parent()
     lower_priority(priority)  # (first: a thread started later inherits it)
     torch.set_num_threads(1)  # the pool's processes share the actor's CPUs
     while True:
@@ -98,6 +103,16 @@ def _child(conn: Connection, priority: DecodePriority) -> None:
             conn.send(("video", str(e)))
         except Exception as e:  # a sample must not end the process: the parent makes it an error row
             conn.send(("video", f"decode failed: {describe_error(e)}"))
+
+
+def _end_with_parent() -> None:
+    """On Linux, has the kernel SIGKILL this process when its parent, the fork server, ends. The
+    server ends with the process that started it (an encoder actor, killed say), and Ray ends only
+    the actor's own process: an idle decoding process then sees its pipe close and returns, but one
+    caught in a decode that hangs would go on spinning, with no parent left to end it at its time
+    limit. (A server that ended in the instant between the fork and this call is not noticed.)"""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _decode_into(name: str, video: VideoFile, plans: list[ClipPlan], uint8: list[bool], resize: ResizeMode) -> None:
@@ -263,6 +278,11 @@ class _Slot:
             assert shm is not None
             info = VideoInfo(**payload)
             return [Clip(view.clone(), info, plan) for plan, view in zip(plans, _views(shm, plans, uint8))]
+        except VideoError:
+            raise
+        except BaseException:  # (the shared memory could not be made, say): the child may still wait for
+            self._stop()  # its name, and would take the next sample for it; a fresh one takes that
+            raise
         finally:
             if shm is not None:
                 _free(shm)
