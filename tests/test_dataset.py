@@ -111,11 +111,33 @@ def _files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
+def test_metadata_is_read_from_committed_shards_only(tmp_path):
+    """Rows of a Parquet file that no marker names (an attempt killed between publishing its files
+    and its marker) or names with another size (a later attempt's, over an earlier one's) are not
+    read: they may point into a tar of another attempt."""
+    _write(tmp_path)[0].commit()
+    _write(tmp_path, "part-1", keys=("d",))[0].commit()
+    meta = tmp_path / "meta"
+    (meta / "part-2.parquet").write_bytes((meta / "part-0.parquet").read_bytes())  # no marker
+    (meta / "part-1.parquet").write_bytes((meta / "part-0.parquet").read_bytes())  # not the marker's
+    rows = read_metadata(tmp_path).to_pylist()
+    assert [r["key"] for r in rows] == ["a", "dir/b", "c" * 150, "broken"]
+
+
 @pytest.mark.parametrize("blocked", ["meta/part-0.parquet", "_commits/part-0.json"])
 def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
-    """The rename of the Parquet file (or of the marker) fails: nothing of the shard stays visible."""
-    (tmp_path / blocked).mkdir(parents=True)  # a non-empty folder where the file must go
-    (tmp_path / blocked / "x").touch()
+    """The rename of the Parquet file fails (a non-empty folder where it must go), or the marker
+    cannot be made (a dangling link in its place: no marker to read, and the name taken): nothing
+    of the shard stays visible."""
+    target = tmp_path / blocked
+    target.parent.mkdir(parents=True)
+    if blocked.startswith("meta"):
+        target.mkdir()
+        (target / "x").touch()
+        left = [f"{blocked}/x"]
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+        left = []
     writer, _ = _write(tmp_path)
     store, deleted = writer.store, []
     real_delete = store.delete
@@ -130,9 +152,9 @@ def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
     # What it had published is taken back before the lock is let go: a later attempt that commits
     # the shard once the lock is free never has its files removed by this one.
     assert ("latents/part-0.tar", True) in deleted and all(held for _, held in deleted)
-    assert [f for f in _files(tmp_path) if not f.endswith(".tmp")] == [f"{blocked}/x"]  # no final file
+    assert [f for f in _files(tmp_path) if not f.endswith(".tmp")] == left  # no final file
     writer.abort()
-    assert _files(tmp_path) == [f"{blocked}/x"]  # and no temporary
+    assert _files(tmp_path) == left  # and no temporary
     assert read_commit(tmp_path, "part-0") is None
 
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.catalog import READERS, Root
-from jobs.dataset.layout import META_DIR, SCHEMA, is_temporary
+from jobs.dataset.catalog import READERS, Root, marker_names, read_commit
+from jobs.dataset.layout import SCHEMA
 from jobs.dataset.store import open_store
 
 
@@ -26,12 +26,16 @@ def read_table(root: Root, rel: str) -> pa.Table:
 
 
 def read_metadata(root: Root) -> pa.Table:
-    """All metadata rows of a dataset (every `meta/*.parquet` in place) as one table."""
+    """The metadata rows of every committed shard of a dataset, as one table (by shard name). A
+    `meta/*.parquet` that no commit marker names, or names with other sizes (left by an attempt
+    killed while it committed, until a rerun tidies up), is not read: its rows may point into a tar
+    of another attempt."""
     store = open_store(root)
-    files = [rel for rel in store.list(META_DIR) if rel.endswith(".parquet") and not is_temporary(Path(rel))]
-    if not files:
-        return SCHEMA.empty_table()
     with ThreadPoolExecutor(READERS) as pool:  # in order; on an object store each file is a request or two
+        markers = list(pool.map(lambda name: read_commit(store, name), marker_names(store)))
+        files = [m["meta"]["path"] for m in markers if m is not None]
+        if not files:
+            return SCHEMA.empty_table()
         return pa.concat_tables(list(pool.map(lambda rel: read_table(store, rel), files)))
 
 
