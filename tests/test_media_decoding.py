@@ -58,6 +58,14 @@ def test_frames_an_edit_list_hides_are_neither_counted_nor_shown(media):
         assert identities(clip.pixels) == list(range(first, first + 4)), policy
 
 
+def test_timestamps_rounded_to_a_coarse_time_base_keep_every_frame(media):
+    """240 fps in Matroska's milliseconds: frames stored up to 0.12 of a frame late are each still
+    the frame on display at their grid time (at a tenth of a frame's slack, frames 3, 9, 15 and 21
+    each gave way to the one before)."""
+    (clip,) = read_clips(media["h264-240fps.mkv"], ClipRequest(num_frames=24, height=48, width=48))
+    assert clip.info.fps == make_media.HIGH_RATE and identities(clip.pixels) == list(range(24))
+
+
 def test_only_the_clip_is_decoded_from_the_keyframe_before_it(tmp_path):
     path = make_media.write_clip(tmp_path / "gop5.mp4", make_media.Clip("libx264", frames=25, options={"g": "5"}))
     video = VideoFile(path.read_bytes())

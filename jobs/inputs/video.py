@@ -149,7 +149,8 @@ CONTAINERS = {
 IMAGE_FORMATS = {"jpeg_pipe", "png_pipe", "webp_pipe"}
 _MOV_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")
 # A frame may start this fraction of a frame period late and still count as on display at a grid
-# time: timestamps rounded to a coarse time base (1 ms in mkv) are never more than this late.
+# time (`VideoFile.slack`), or more where the time base is coarse: a timestamp rounded to it (1 ms
+# in mkv, a quarter of a frame at 240 fps) is up to half of it late.
 TIMESTAMP_SLACK = 0.1
 # FFmpeg's messages that mean the file is damaged even when no call fails: a truncated mkv only
 # says "File ended prematurely", a cut mp4 "partial file", a corrupt bitstream logs its errors.
@@ -251,6 +252,8 @@ class VideoFile:
             rate = (len(times) - 1) / (times[-1] - times[0])
         self.t0 = times[0]
         self.fps = rate
+        # (twice the rounding, for margin; at most half a frame, past which no slack tells frames apart)
+        self.slack = min(0.5, max(TIMESTAMP_SLACK, self.time_base * rate))
         self.timed = not math.isnan(self.t0)
         if self.image or rate <= 0:
             grid = 1
@@ -395,7 +398,7 @@ class VideoFile:
         timed = self.timed and period > 0
 
         def deadline(i: int) -> float:  # grid frame i is the last frame to start by this time (seconds)
-            return self.t0 + (i + TIMESTAMP_SLACK) * period
+            return self.t0 + (i + self.slack) * period
 
         decoded, j, previous = 0, 0, None
         with _ffmpeg_log() as log, self._opened() as container:
@@ -435,7 +438,7 @@ class VideoFile:
         # The end of the stream: the last frame stays on display for one period.
         while j < len(wanted) and previous is not None and timed:
             last = float(previous.pts * self.time_base)
-            if deadline(wanted[j]) - last > period + 2 * TIMESTAMP_SLACK * period:
+            if deadline(wanted[j]) - last > period + 2 * self.slack * period:
                 break
             yield previous
             j += 1
