@@ -66,6 +66,16 @@ def test_timestamps_rounded_to_a_coarse_time_base_keep_every_frame(media):
     assert clip.info.fps == make_media.HIGH_RATE and identities(clip.pixels) == list(range(24))
 
 
+def test_timestamps_out_of_order_give_the_frames_in_the_decoders_order(media):
+    """H.264 with B-frames in AVI: the made-up timestamps come out of order (taken as they were,
+    every other frame was doubled and the one between lost); the frames are then taken in the
+    order the decoder gives them, as Open-Sora's reader takes them."""
+    data = media["h264-bframes.avi"]
+    for policy, start in [("first", 0), ("middle", 10)]:
+        (clip,) = read_clips(data, ClipRequest(num_frames=5, height=48, width=48, policy=policy))
+        assert identities(clip.pixels) == list(range(start, start + 5)), policy
+
+
 def test_only_the_clip_is_decoded_from_the_keyframe_before_it(tmp_path):
     path = make_media.write_clip(tmp_path / "gop5.mp4", make_media.Clip("libx264", frames=25, options={"g": "5"}))
     video = VideoFile(path.read_bytes())

@@ -80,6 +80,10 @@ def signed_unit(pixels: Tensor) -> Tensor:
     return pixels.float().div_(255.0).mul_(2.0).sub_(1.0)
 
 
+class _TimestampsOutOfOrder(Exception):
+    """The decoder gave a frame an earlier timestamp than the frame before it."""
+
+
 class FrameSizeChanged(VideoError):
     """A frame of a clip planned as whole pixels (uint8) needs a resize after all: its size differs
     from the first frame's. The clip is decoded again in float32."""
@@ -375,6 +379,15 @@ class VideoFile:
         """
         if out is None:
             out = torch.empty(3, plan.num_frames, plan.height, plan.width)
+        try:
+            return self._decode(plan, out, resize)
+        except _TimestampsOutOfOrder:
+            # (an AVI with B-frames: FFmpeg makes its timestamps up, and they come out of order) the
+            # frames are taken in the order the decoder gives them, as Open-Sora's reader takes them
+            self.timed = False
+            return self._decode(plan, out, resize)
+
+    def _decode(self, plan: ClipPlan, out: Tensor, resize: ResizeMode) -> Tensor:
         whole = out.dtype == torch.uint8
         for i, frame in enumerate(self._frames(plan.frames)):
             if resize == "decoder":
@@ -400,7 +413,7 @@ class VideoFile:
         def deadline(i: int) -> float:  # grid frame i is the last frame to start by this time (seconds)
             return self.t0 + (i + self.slack) * period
 
-        decoded, j, previous = 0, 0, None
+        decoded, j, previous, latest = 0, 0, None, -math.inf
         with _ffmpeg_log() as log, self._opened() as container:
             stream = container.streams.video[0]
             if timed and wanted[0] > 0 and self.time_base > 0:
@@ -418,6 +431,9 @@ class VideoFile:
                         t = float(frame.pts * self.time_base) if frame.pts is not None else math.nan
                         if math.isnan(t):
                             raise VideoError("a decoded frame has no timestamp")
+                        if t < latest:
+                            raise _TimestampsOutOfOrder
+                        latest = t
                         while j < len(wanted) and t > deadline(wanted[j]):
                             yield previous if previous is not None else frame
                             j += 1
