@@ -111,6 +111,20 @@ def _files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".lock")
 
 
+@pytest.mark.parametrize("cut", ["between members", "in a header"])
+def test_a_latent_tar_cut_short_is_an_error_when_read_in_order(tmp_path, cut):
+    """Python's tarfile ends quietly where a cut falls between members or inside a header: a reader
+    would take the first samples for the whole shard."""
+    _write(tmp_path)[0].commit()
+    tar = tmp_path / "latents" / "part-0.tar"
+    with tarfile.open(tar) as t:
+        second = t.getmembers()[1].offset  # its header's start
+    data = tar.read_bytes()
+    tar.write_bytes(data[: second if cut == "between members" else second + 100])
+    with pytest.raises(tarfile.ReadError, match="cut short after"):
+        list(iter_shard(tar))
+
+
 def test_metadata_is_read_from_committed_shards_only(tmp_path):
     """Rows of a Parquet file that no marker names (an attempt killed between publishing its files
     and its marker) or names with another size (a later attempt's, over an earlier one's) are not
@@ -221,6 +235,8 @@ def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path,
     def audit(event, args):
         if event in ("os.rename", "os.link"):
             events.append(("rename", str(args[0])))
+        elif event == "os.mkdir":
+            events.append(("mkdir", str(args[0])))
 
     monkeypatch.setattr(os, "fsync", fsync)
     sys.addaudithook(audit)  # audit hooks cannot be removed; this one records only while `events` is read here
@@ -239,6 +255,13 @@ def test_every_file_is_fsynced_before_its_rename_and_the_folders_after(tmp_path,
         synced = [i for i, e in enumerate(done) if e == ("fsync", str(Path(path).parent))]
         assert any(done.index(("rename", path)) < i < marker_at for i in synced), path
     assert ("fsync", str(tmp_path / "_commits")) in done[marker_at:]
+    # Each folder the commit made (`latents`, `meta`, `_commits`) is in its parent for good before the
+    # marker is: its parent is synced after it is made
+    made = [path for kind, path in done if kind == "mkdir" and Path(path).is_dir()]
+    assert sorted(Path(p).name for p in made) == ["_commits", "latents", "meta"]
+    for path in made:
+        after = done[done.index(("mkdir", path)) : marker_at]
+        assert ("fsync", str(Path(path).parent)) in after, f"{path} made, its folder not synced before the marker"
 
 
 def test_a_same_size_corruption_fails_verification(tmp_path):

@@ -16,9 +16,25 @@ from jobs.dataset.layout import TMP_SUFFIX
 
 
 def temp_path(final: Path) -> Path:
-    """A fresh hidden temporary name beside `final` (whose folder is created)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
+    """A fresh hidden temporary name beside `final` (whose folder is created, durably)."""
+    make_dirs(final.parent)
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+
+
+def make_dirs(folder: Path) -> None:
+    """Creates `folder` and its missing parents, each made durable in its parent: a folder's name is
+    its parent's content, and without that fsync a crash could lose a new folder with the files
+    committed in it, while their markers (in a folder made earlier) stay."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir()
+        except FileExistsError:  # made meanwhile by another attempt, which syncs it too
+            pass
+        sync_dir(new.parent)
 
 
 def sync_close(f: BinaryIO) -> None:

@@ -47,10 +47,19 @@ def load_sample(root: Root, row: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def iter_shard(path: str | Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """Yields `(key, tensors)` for every sample of a local latent tar, in order."""
-    with tarfile.open(path, "r:") as tar:
+    """Yields `(key, tensors)` for every sample of a local latent tar, in order.
+
+    Raises:
+        tarfile.ReadError: The tar is cut short: it ends without its end-of-archive blocks (Python's
+            `tarfile` stops without a word where a cut falls between members or in a header).
+    """
+    with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
         for member in tar:
             if member.name.endswith(".safetensors"):
                 f = tar.extractfile(member)
                 assert f is not None
                 yield member.name.removesuffix(".safetensors"), load_safetensors(f.read())
+        raw.seek(tar.offset)  # (where the members ended: two zero blocks follow in a whole tar)
+        end = raw.read(2 * tarfile.BLOCKSIZE)
+        if len(end) < 2 * tarfile.BLOCKSIZE or any(end):
+            raise tarfile.ReadError(f"{path}: cut short after {tar.offset} bytes (no end-of-archive blocks)")

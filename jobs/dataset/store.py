@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 
 import pyarrow.fs as pafs
 
-from jobs.dataset.atomic import sync_dir, temp_path
+from jobs.dataset.atomic import make_dirs, sync_dir, temp_path
 from jobs.dataset.faults import fault
 from jobs.dataset.layout import DATA_DIRS, TMP_SUFFIX, is_temporary
 from jobs.objectstore import filesystem, is_object_url, s3_client, split_url
@@ -251,7 +251,7 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[None]:
     Raises:
         BlockingIOError: Another process holds it and `wait` is false.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)  # (the commit markers' folder: made durably before a marker is linked in it)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         yield
