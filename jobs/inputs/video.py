@@ -4,13 +4,17 @@ A sample is opened twice. The first pass reads the container's packets without d
 (plus the first frame, for its size and rotation): it gives the frame timestamps, from which
 `jobs.inputs.sampling` plans the clips on a uniform time grid at the average frame rate. The
 second pass seeks near each clip's start and decodes until its last frame; grid frame `i` is
-the frame on display at time `t0 + i / fps` (allowing timestamps a tenth of a frame late), so a
-constant-rate video is sampled by frame number and a variable-rate one by time. Frames are resized and cropped as they
-come, so memory is bounded by the clip, never by the video.
+the frame on display at time `t0 + i / fps` (allowing timestamps a tenth of a frame late, or a
+coarse time base late), so a constant-rate video is sampled by frame number and a variable-rate
+one by time; frames an edit list hides are not on the grid, and a video whose decoded timestamps
+go backwards is taken in the decoder's order. Frames are resized and cropped as they come, so
+memory is bounded by the clip, never by the video.
 
-Pixels follow Open-Sora: the display rotation applied, resize to cover with float bilinear
-interpolation (no antialiasing), the centre crop rounded like its `ResizeCrop`, and [-1, 1] from
-mean 0.5 and std 0.5. Images (jpg, png, webp) are one-frame clips.
+Pixels follow Open-Sora's video path: resize to cover with float bilinear interpolation (no
+antialiasing), the centre crop rounded like its `ResizeCrop`, and [-1, 1] from mean 0.5 and std
+0.5. Unlike its reader, the display rotation is applied (a phone's portrait video is shaped as it
+is shown). Images (jpg, png, webp) are one-frame clips, shaped as video frames are (Open-Sora's
+image path resizes with PIL's antialiased bicubic instead).
 """
 
 from __future__ import annotations
