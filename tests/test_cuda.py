@@ -13,10 +13,21 @@ import torch
 from conftest import encode_in_process, same_output, small_config
 
 from jobs.dataset.reader import load_sample, read_metadata
+from jobs.inputs.video import signed_unit
 from jobs.orchestration.worker import device_for_worker
 from vae import DiagonalGaussianDistribution
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+
+
+def test_uint8_pixels_become_the_same_floats_on_the_gpu_as_on_the_cpu():
+    """Every uint8 value, made [-1, 1] on the GPU (`signed_unit`), is bit for bit the CPU's float
+    path (a division by the number 255 on the GPU is a multiplication by its reciprocal: one bit
+    off for 111 of the 256 values, and one of them still after the cast to bfloat16)."""
+    values = torch.arange(256, dtype=torch.uint8)
+    on_cpu = values.float().div_(255.0).mul_(2.0).sub_(1.0)
+    on_gpu = signed_unit(values.cuda()).cpu()
+    assert torch.equal(on_gpu, on_cpu) and torch.equal(on_gpu.bfloat16(), on_cpu.bfloat16())
 
 
 def test_the_noise_drawn_for_a_gpu_posterior_is_the_cpu_generators_draw():

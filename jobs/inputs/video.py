@@ -78,10 +78,14 @@ class Clip:
 def signed_unit(pixels: Tensor) -> Tensor:
     """uint8 pixels as float32 in [-1, 1] (float pixels are returned as they are): the same
     operations, in the same order, as the float path of `VideoFile.decode`, so the values are
-    bit for bit the ones it gives, on any device."""
+    bit for bit the ones it gives, on any device.
+
+    The divisor is a tensor on the pixels' device, not a number: CUDA divides by a number as a
+    multiplication by its reciprocal, one bit off for 111 of the 256 values, and by a tensor as the
+    CPU does (a correctly rounded division). `torch.full` makes it there without a copy from the host."""
     if pixels.dtype != torch.uint8:
         return pixels
-    return pixels.float().div_(255.0).mul_(2.0).sub_(1.0)
+    return pixels.float().div_(torch.full((), 255.0, device=pixels.device)).mul_(2.0).sub_(1.0)
 
 
 class _TimestampsOutOfOrder(Exception):
