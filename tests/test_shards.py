@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from jobs.demo_data import write_shard
-from jobs.inputs.shards import ShellRefused, count_samples, list_shards, sample_key
+from jobs.inputs.shards import ShellRefused, count_samples, list_shards, sample_key, storage_for
 
 
 def _touch(path):
@@ -36,6 +36,21 @@ def test_path_glob_brace_and_directory(tmp_path):
 
     # The same shard named twice is listed once.
     assert len(list_shards([str(tmp_path / "data" / "shard-000000.tar")] * 2)) == 1
+
+
+def test_file_urls_are_their_paths(tmp_path):
+    """`file://` URLs name the same shards as their paths (names and sources alike), and open."""
+    for i in range(2):
+        write_shard(tmp_path / "my data" / f"shard-{i:06d}.tar", [(f"k{i}", {"txt": b"x"})])
+    plain = list_shards([str(tmp_path / "my data" / "shard-{000000..000001}.tar")])
+    for url in (f"file://{tmp_path}/my%20data/shard-{{000000..000001}}.tar", f"file://localhost{tmp_path}/my data"):
+        shards = list_shards([url])
+        assert [(s.name, s.source) for s in shards] == [(s.name, s.source) for s in plain]
+    source = f"file://{tmp_path}/my%20data/shard-000001.tar"  # (a source named by data opens too)
+    with storage_for(source).open(source) as f:
+        assert f.read() == (tmp_path / "my data" / "shard-000001.tar").read_bytes()
+    with pytest.raises(ValueError, match="a file:// URL of another host"):
+        list_shards([f"file://elsewhere{tmp_path}/my data"])
 
 
 def test_same_basename_in_two_folders_does_not_collide(tmp_path):

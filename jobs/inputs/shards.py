@@ -1,7 +1,8 @@
 """Input shards: what a SPEC names, behind a small storage interface, and each shard's output name.
 
 A SPEC is a tar path, a directory (every `*.tar` file below it), a glob (`data/*/part-*.tar`), a
-brace pattern (`data/shard-{000000..000099}.tar`), an `http(s)://` URL (brace patterns too), or,
+brace pattern (`data/shard-{000000..000099}.tar`), any of these as a `file://` URL, an
+`http(s)://` URL (brace patterns too), or,
 only when the user opts in (`allow_shell`, `--allow-shell` on the command line), a `pipe:`
 command whose output is the tar (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`). Nothing else
 runs a program: a source named by data (a Parquet row's `source`) goes through the same policy.
@@ -25,6 +26,7 @@ import os
 import posixpath
 import re
 import tarfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ class LocalStorage:
     """Files on a local (or mounted) filesystem: paths, directories, globs and brace patterns."""
 
     def list(self, spec: str) -> list[Shard]:
+        spec = local_path(spec)
         root = _fixed_root(spec)
         if os.path.isdir(spec):  # files only: a folder named `x.tar` is a folder
             paths = sorted(p for p in glob.glob(os.path.join(spec, "**", "*.tar"), recursive=True) if os.path.isfile(p))
@@ -91,7 +94,22 @@ class LocalStorage:
         return [Shard(os.path.abspath(p), _local_name(p, root)) for p in paths]
 
     def open(self, source: str) -> BinaryIO:
-        return open(source, "rb")
+        return open(local_path(source), "rb")
+
+
+def local_path(spec: str) -> str:
+    """A local SPEC or source as a path: `file:///data/x.tar` (or `file://localhost/...`, its
+    characters %-escaped) is `/data/x.tar`; a path is itself.
+
+    Raises:
+        ValueError: A `file://` URL of another host.
+    """
+    if not spec.lower().startswith("file://"):
+        return spec
+    url = urllib.parse.urlsplit(spec)
+    if url.netloc not in ("", "localhost"):
+        raise ValueError(f"cannot read '{spec}': a file:// URL of another host ({url.netloc})")
+    return urllib.parse.unquote(url.path)
 
 
 class HttpStorage:
