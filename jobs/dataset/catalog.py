@@ -210,6 +210,9 @@ def write_manifest(root: Root, fingerprint: str) -> dict[str, Any]:
     return manifest
 
 
+BUSY_TRIES, BUSY_WAIT_S = 6, 0.1  # the output lock's tries, and the pause between them
+
+
 @contextmanager
 def output_lock(root: Root) -> Iterator[None]:
     """Holds an exclusive lock on the dataset directory (created if needed) while the job writes it.
@@ -220,10 +223,16 @@ def output_lock(root: Root) -> Iterator[None]:
     """
     store = open_store(root)
     with ExitStack() as held:
-        try:
-            held.enter_context(store.lock(LOCK_FILE, wait=False))
-        except BlockingIOError:
-            raise DatasetBusy(f"another precompute job is writing to {store}") from None
+        # A reader asking whether a job runs (`jobs.status`) holds the lock shared for an instant:
+        # a job that starts in that instant tries again a few times before it calls the directory busy
+        for attempt in range(BUSY_TRIES):
+            try:
+                held.enter_context(store.lock(LOCK_FILE, wait=False))
+                break
+            except BlockingIOError:
+                if attempt == BUSY_TRIES - 1:
+                    raise DatasetBusy(f"another precompute job is writing to {store}") from None
+                time.sleep(BUSY_WAIT_S)
         yield  # what the job raises passes through unchanged
 
 
