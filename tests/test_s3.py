@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+from botocore.config import Config
 from conftest import cluster_head, kill_session
 from test_dataset import _write
 
@@ -32,6 +34,7 @@ from jobs.demo_data import write_demo_dataset
 from jobs.inputs import shards as shards_module
 from jobs.inputs.shards import list_shards
 from jobs.inputs.tar_samples import ShardReadError, read_shard
+from jobs.objectstore import region
 from jobs.orchestration.config import JobConfig, UsageError
 from jobs.validate import validate
 
@@ -186,11 +189,9 @@ def test_a_multipart_upload_that_fails_is_aborted_at_once(s3):
     assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="refused/").get("Uploads")
 
 
-@pytest.fixture
-def unconditional(s3, monkeypatch):
-    """An S3 server without conditional writes (as older MinIO and Ceph releases are): an HTTP
-    server on 127.0.0.1 that answers 501 NotImplemented to a request with If-None-Match or
-    If-Match, and passes every other request on to the moto server."""
+def _relay(s3, monkeypatch, intercept):  # -> ThreadingHTTPServer
+    """An HTTP server on 127.0.0.1, made the endpoint, that passes each request on to the moto
+    server unless `intercept(handler)` answers it (and returns True)."""
     import http.client
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -204,13 +205,7 @@ def unconditional(s3, monkeypatch):
 
         def _relay(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if "If-None-Match" in self.headers or "If-Match" in self.headers:
-                error = b"<Error><Code>NotImplemented</Code><Message>conditional writes</Message></Error>"
-                self.send_response(501)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(error)))
-                self.end_headers()
-                self.wfile.write(error)
+            if intercept(self):
                 return
             connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "transfer-encoding")}
@@ -232,8 +227,84 @@ def unconditional(s3, monkeypatch):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    return server
+
+
+@pytest.fixture
+def unconditional(s3, monkeypatch):
+    """An S3 server without conditional writes (as older MinIO and Ceph releases are): answers 501
+    NotImplemented to a request with If-None-Match or If-Match, and passes every other on."""
+
+    def refuse_conditions(handler) -> bool:
+        if "If-None-Match" not in handler.headers and "If-Match" not in handler.headers:
+            return False
+        error = b"<Error><Code>NotImplemented</Code><Message>conditional writes</Message></Error>"
+        handler.send_response(501)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("Content-Length", str(len(error)))
+        handler.end_headers()
+        handler.wfile.write(error)
+        return True
+
+    server = _relay(s3, monkeypatch, refuse_conditions)
     yield server
     server.shutdown()
+
+
+@pytest.fixture
+def flaky(s3, monkeypatch):
+    """The S3 server behind a relay whose `down` event, while set, drops every connection unanswered
+    (a network down, a partition)."""
+    import threading
+
+    down = threading.Event()
+
+    def drop(handler) -> bool:
+        if down.is_set():
+            handler.close_connection = True
+        return down.is_set()
+
+    server = _relay(s3, monkeypatch, drop)
+    server.down = down
+    # The client gives up on a request at once (the job's retries for minutes): a lease's renewals
+    # then fail beat after beat instead of waiting in the client's back-off
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=os.environ["AWS_ENDPOINT_URL"],
+        region_name=region(),
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=1),
+    )
+    monkeypatch.setattr(store_module, "s3_client", lambda: client)
+    yield server
+    down.clear()
+    server.shutdown()
+
+
+def test_a_lease_that_cannot_be_renewed_counts_as_lost_before_it_runs_out(flaky, monkeypatch):
+    """Its holder cut off from the store (every renewal stuck in the client's retries), a lease is
+    reported lost once it has gone unrenewed for three quarters of its length: another process may
+    take it over at its length, and the holder must not write on. Released with the network down,
+    nothing is raised in place of what the holder raised."""
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)  # renewed every second
+    store = S3Store("s3://outputs/flaky")
+    with pytest.raises(ValueError, match="the holder's own error"):
+        with store.lock("held.lock") as lost:
+            time.sleep(1.5)  # renewed once
+            assert not lost.is_set()
+            flaky.down.set()
+            time.sleep(2.8)  # 3.3 s since that renewal, under the lease's length
+            assert lost.is_set()
+            raise ValueError("the holder's own error")
+
+
+def test_a_lease_release_that_fails_does_not_replace_the_holders_error(flaky):
+    """The store unreachable when the holder lets go: the lease is left to run out, and what the
+    holder raised is what the caller sees."""
+    store = S3Store("s3://outputs/flaky-release")
+    with pytest.raises(ValueError, match="the holder's own error"):
+        with store.lock("held.lock"):
+            flaky.down.set()
+            raise ValueError("the holder's own error")
 
 
 def test_a_store_without_conditional_writes_falls_back_to_checks(unconditional, monkeypatch):

@@ -26,6 +26,7 @@ import email.utils
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -45,6 +46,7 @@ from jobs.dataset.faults import fault
 from jobs.dataset.layout import DATA_DIRS, TMP_SUFFIX, is_temporary
 from jobs.objectstore import filesystem, is_object_url, s3_client, split_url
 
+log = logging.getLogger(__name__)
 LEASE_S = 60.0  # an s3 lock not renewed for this long is abandoned
 SINGLE_PUT_MAX = 16 * 2**20  # bytes: larger objects go up as multipart uploads
 PART_BYTES = 64 * 2**20  # bytes per part (S3 takes 5 MiB to 5 GiB, at most 10,000 parts)
@@ -469,6 +471,21 @@ _TAKEN = ("PreconditionFailed", "ConditionalRequestConflict")  # a conditional w
 _UNSUPPORTED = ("NotImplemented", "InvalidArgument")  # a store without conditional headers
 
 
+class _Held(threading.Event):
+    """Set once a lease is lost; and, for good, once it has gone unrenewed for most of its length
+    (`LEASE_S`), even while a renewal still waits in its retries (a network down, a partition):
+    another process may take it over then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewed = time.monotonic()
+
+    def is_set(self) -> bool:
+        if not super().is_set() and time.monotonic() - self.renewed > LEASE_S * 3 / 4:
+            self.set()
+        return super().is_set()
+
+
 class _Lease(AbstractContextManager[threading.Event]):
     """An exclusive lock on an object store: a lease object created only if absent, renewed by a
     thread while held, deleted on release; one left by a dead or silent holder is taken over.
@@ -482,7 +499,7 @@ class _Lease(AbstractContextManager[threading.Event]):
         self.owner = {**_process_identity(), "lease": uuid.uuid4().hex}
         self.beats = 0
         self.etag = ""
-        self.lost = threading.Event()
+        self.lost = _Held()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -497,6 +514,7 @@ class _Lease(AbstractContextManager[threading.Event]):
             if not self.wait:
                 raise BlockingIOError(f"s3://{self.bucket}/{self.key} is held by {state['owner']}")
             time.sleep(0.5)
+        self.lost.renewed = time.monotonic()
         self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._renewer.start()
         return self.lost
@@ -544,7 +562,7 @@ class _Lease(AbstractContextManager[threading.Event]):
 
     def _renew(self) -> None:
         client = s3_client()
-        while not self._stop.wait(LEASE_S / 4):
+        while not self._stop.wait(LEASE_S / 4) and not self.lost.is_set():
             try:
                 if self.store.conditional:
                     self.etag = client.put_object(
@@ -555,10 +573,14 @@ class _Lease(AbstractContextManager[threading.Event]):
                 else:
                     self.lost.set()  # another process's lease is there now
                     return
-            except client.exceptions.ClientError:
-                self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
-                return
-            except Exception:  # a network error: try again at the next beat
+                self.lost.renewed = time.monotonic()
+            except client.exceptions.ClientError as e:
+                if _error_code(e) in (*_TAKEN, "NoSuchKey", "404"):
+                    self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
+                    return
+                # (a server error or throttling, past the client's own retries: again at the next
+                # beat, until the lease has gone unrenewed too long, `_Held`)
+            except Exception:  # a network error: the same
                 continue
 
     def __exit__(self, *exc: object) -> None:
@@ -567,10 +589,13 @@ class _Lease(AbstractContextManager[threading.Event]):
             self._renewer.join()
         if self.lost.is_set():
             return
-        if self.store.conditional:
-            self._delete(self.etag)  # no longer ours if it fails
-        elif self._ours():
-            self._delete(self.etag)
+        try:
+            if self.store.conditional:
+                self._delete(self.etag)  # no longer ours if it fails
+            elif self._ours():
+                self._delete(self.etag)
+        except Exception as e:  # (not in place of what the holder raised): it runs out instead
+            log.warning("could not release s3://%s/%s (%s); it runs out in %g s", self.bucket, self.key, e, LEASE_S)
 
 
 def open_store(root: str | Path | Store) -> Store:
