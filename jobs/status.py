@@ -8,7 +8,7 @@ Shows the shards committed (by the markers that carry the job's fingerprint), th
 still pending (the inputs `job.json` lists that no marker covers), the shards the last run could
 not write and why (from `report.json`), the last run's figures, and whether a job holds the
 directory now. Exit status 0 when every input shard is committed, 1 while some are pending or
-failed, 2 when DIR is not a latent dataset.
+failed, 2 when DIR is not a latent dataset or cannot be read (an I/O or network error).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         state = status(args.dir)
-    except (DatasetError, ValueError) as e:
+    except (DatasetError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(state, indent=2) if args.json else text(state))

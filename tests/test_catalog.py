@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import threading
+import time
 
 import pytest
 
@@ -99,17 +100,18 @@ def test_one_writer_at_a_time(tmp_path):
 
 
 def test_a_job_starting_while_a_reader_asks_whether_one_runs_still_starts(tmp_path):
-    """`jobs.status` asks by holding the lock shared for an instant (here a quarter of a second):
-    a job starting then is not told that another job writes the directory."""
+    """`jobs.status` asks by holding the lock shared for an instant (here a tenth of a second): a
+    job starting then is not told that another job writes the directory."""
     with output_lock(tmp_path):  # (makes the lock file)
         pass
     probe = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
     fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    release = threading.Timer(0.25, lambda: os.close(probe))
+    release = threading.Timer(0.1, lambda: os.close(probe))
+    started = time.monotonic()
     release.start()
     try:
         with output_lock(tmp_path):
-            assert not release.is_alive()  # it waited for the reader, and has the directory
+            assert time.monotonic() - started >= 0.1  # it waited for the reader, and has the directory
     finally:
         release.join()
 

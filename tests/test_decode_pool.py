@@ -134,6 +134,37 @@ def test_a_decoding_process_ends_with_its_fork_server(pool):
         assert pool.submit(demo_sample(0, i)["mp4"], spec(2, 32, 32)).result()[0].pixels.shape[1] == 2
 
 
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_sample_being_decoded_when_the_fork_server_is_killed_is_decoded_again_not_blamed():
+    """The fork server killed (the OOM killer) while a sample decodes takes the decoding process with
+    it; the sample is not at fault, and is decoded again in a process of a new server."""
+    import multiprocessing.forkserver as forkserver
+
+    frames = synth_video(np.random.default_rng(1), 3840, 2160, 4, 24).frames
+    slow = video_file_bytes(frames, fps=24)  # 4K frames: a decode long enough to be caught in
+    pool = DecodePool(1, timeout=60)
+    try:
+        assert pool.submit(demo_sample(0, 0)["mp4"], spec(2, 32, 32)).result()  # (its process is up)
+        busy = pool._slots[0].process.pid
+        before = _cpu_ticks(busy)
+        future = pool.submit(slow, spec(4, 64, 64))
+        deadline = time.monotonic() + 30
+        while _cpu_ticks(busy) < before + 10 and time.monotonic() < deadline:  # 0.1 s into the decode
+            time.sleep(0.005)
+        assert not future.done()
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGKILL)
+        (clip,) = future.result()
+        assert clip.pixels.shape == (3, 4, 64, 64) and pool._slots[0].process.pid != busy
+    finally:
+        pool.close()
+
+
 MAIN_SCRIPT = """
 import os, sys
 if __name__ != "__main__":  # run again as `__mp_main__`, by a child process, before its work

@@ -32,6 +32,7 @@ from jobs.orchestration.pool import EncoderPool
 from jobs.orchestration.settings import check_config, make_plan
 from jobs.orchestration.worker import reason_kind, sample_seed
 from jobs.precompute import main
+from jobs.status import status
 from vae import encode_video, get_preset, load_vae, plan_encode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,8 @@ def test_a_shard_committed_from_another_input_of_its_name_is_refused_or_kept_as_
     assert (out / "_commits" / f"{name}.json").is_file()
     summary = run(small_config([moved], out, run={"inputs_moved": True}))
     assert summary.shards_skipped == 1 and summary.shards_written == 0 and _digests(out) == before
+    state = status(out)  # the shard kept stays recorded by its first source: the job is finished
+    assert state["finished"] and state["pending"] == [] and state["inputs"] == 1
 
 
 def test_a_marker_that_cannot_be_read_ends_the_run_and_is_kept(ray_cluster, demo_shards, tmp_path):

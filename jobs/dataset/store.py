@@ -472,13 +472,15 @@ _UNSUPPORTED = ("NotImplemented", "InvalidArgument")  # a store without conditio
 
 
 class _Held(threading.Event):
-    """Set once a lease is lost; and, for good, once it has gone unrenewed for most of its length
-    (`LEASE_S`), even while a renewal still waits in its retries (a network down, a partition):
-    another process may take it over then."""
+    """Set once a lease is lost (`taken`: another process holds it, or it is gone); and, for good,
+    once it has gone unrenewed for most of its length (`LEASE_S`), even while a renewal still waits
+    in its retries (a network down, a partition): another process may take it over then. Its
+    holder stops writing under it; the renewals go on (the lease is kept while it is still ours)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.renewed = time.monotonic()
+        self.taken = False
 
     def is_set(self) -> bool:
         if not super().is_set() and time.monotonic() - self.renewed > LEASE_S * 3 / 4:
@@ -562,7 +564,7 @@ class _Lease(AbstractContextManager[threading.Event]):
 
     def _renew(self) -> None:
         client = s3_client()
-        while not self._stop.wait(LEASE_S / 4) and not self.lost.is_set():
+        while not self._stop.wait(LEASE_S / 4):
             try:
                 if self.store.conditional:
                     self.etag = client.put_object(
@@ -571,23 +573,27 @@ class _Lease(AbstractContextManager[threading.Event]):
                 elif self._ours():
                     self.etag = client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body())["ETag"]
                 else:
-                    self.lost.set()  # another process's lease is there now
+                    self._taken()  # another process's lease is there now
                     return
                 self.lost.renewed = time.monotonic()
             except client.exceptions.ClientError as e:
                 if _error_code(e) in (*_TAKEN, "NoSuchKey", "404"):
-                    self.lost.set()  # taken over (this process stalled past LEASE_S): stop claiming it
+                    self._taken()  # taken over (this process stalled past LEASE_S): stop claiming it
                     return
                 # (a server error or throttling, past the client's own retries: again at the next
                 # beat, until the lease has gone unrenewed too long, `_Held`)
             except Exception:  # a network error: the same
                 continue
 
+    def _taken(self) -> None:
+        self.lost.taken = True
+        self.lost.set()
+
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
-        if self.lost.is_set():
+        if self.lost.taken:
             return
         try:
             if self.store.conditional:

@@ -145,6 +145,21 @@ class DecodeUnavailable(RuntimeError):
     attempt fails and is retried instead of its samples becoming error rows)."""
 
 
+class _ProcessDied(VideoError):
+    """The decoding process died while it decoded the sample."""
+
+
+def _ended(pid: int | None) -> bool:
+    """Whether process `pid` has ended (gone, or a zombie not yet reaped); False where unknown."""
+    if pid is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def _forget_fork_server() -> None:
     """Drops multiprocessing's record of a fork server that is gone, so the next start launches a new
     one (Python's own check, `waitpid` on it, fails for good once the process was reaped elsewhere)."""
@@ -196,6 +211,7 @@ class _Slot:
         self.number = number
         self.process: Any = None
         self.conn: Connection | None = None
+        self.server: int | None = None  # the pid of the fork server its process came from
         self.thread = threading.Thread(target=self._serve, name=f"decode-{number}", daemon=True)
         self.thread.start()
 
@@ -227,6 +243,7 @@ class _Slot:
                 continue
             child.close()
             self.process, self.conn = process, parent
+            self.server = getattr(getattr(mp.forkserver, "_forkserver", None), "_forkserver_pid", None)
             return
 
     def _stop(self) -> None:
@@ -252,9 +269,21 @@ class _Slot:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(self._decode(data, spec, key))
+                future.set_result(self._decode_anew_if_the_server_ended(data, spec, key))
             except BaseException as e:
                 future.set_exception(e)
+
+    def _decode_anew_if_the_server_ended(self, data: bytes, spec: ClipSpec, key: str) -> list[Clip]:
+        """A decoding process ends with its fork server (`_end_with_parent`): if the server ended
+        (killed, say by the OOM killer) while the sample was decoded, the sample is not to blame,
+        and is decoded once more in a process of a new server."""
+        try:
+            return self._decode(data, spec, key)
+        except _ProcessDied:
+            if not _ended(self.server):
+                raise
+            log.warning("the fork server of the decoding processes ended mid-sample; decoding %s again", key)
+            return self._decode(data, spec, key)
 
     def _decode(self, data: bytes, spec: ClipSpec, key: str) -> list[Clip]:
         if self.process is None or not self.process.is_alive():
@@ -304,7 +333,7 @@ class _Slot:
             return self.conn.recv()
         except (EOFError, OSError) as e:  # the child died (a crash in FFmpeg, the OOM killer)
             self._stop()
-            raise VideoError(f"the decoding process died ({describe_error(e)})") from e
+            raise _ProcessDied(f"the decoding process died ({describe_error(e)})") from e
 
 
 class DecodePool:

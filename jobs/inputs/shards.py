@@ -106,10 +106,11 @@ def local_path(spec: str) -> str:
     """
     if not spec.lower().startswith("file://"):
         return spec
-    url = urllib.parse.urlsplit(spec)
-    if url.netloc not in ("", "localhost"):
-        raise ValueError(f"cannot read '{spec}': a file:// URL of another host ({url.netloc})")
-    return urllib.parse.unquote(url.path)
+    # (not urlsplit: a `?` or `#` of a glob or a file name is part of the path here)
+    host, slash, path = spec[len("file://") :].partition("/")
+    if host not in ("", "localhost"):
+        raise ValueError(f"cannot read '{spec}': a file:// URL of another host ({host})")
+    return urllib.parse.unquote(slash + path)
 
 
 class HttpStorage:

@@ -131,6 +131,7 @@ def prepare_output(plan: Plan) -> list[Shard]:
 
     Raises:
         UsageError: Other settings, or shards committed from other inputs under these names.
+        OSError: A commit marker could not be read (whether its shard is committed is not known).
     """
     try:
         previous = existing_job(plan.root)
@@ -145,23 +146,26 @@ def prepare_output(plan: Plan) -> list[Shard]:
     removed = open_store(plan.root).cleanup()
     if removed:
         log.warning("removed %d temporary files or unfinished uploads left by an interrupted run", removed)
-    pending = _pending(plan, plan.shards)  # (refused before job.json would name these inputs)
+    pending, kept = _pending(plan, plan.shards)  # (refused before job.json would name these inputs)
     earlier = previous.inputs if previous is not None else []  # a rerun with other inputs adds to the dataset
+    # (a shard kept from where its input was before, `run.inputs_moved`, stays recorded by that source)
+    sources = [s.source for s in plan.shards if s.source not in kept]
     write_job(
         plan.root,
         JobRecord(
             fingerprint=plan.fingerprint,
             settings=plan.settings,
             config=dataclasses.asdict(plan.config),
-            inputs=list(dict.fromkeys([*earlier, *(s.source for s in plan.shards)])),
+            inputs=list(dict.fromkeys([*earlier, *sources])),
             command=sys.argv,
         ),
     )
     return pending
 
 
-def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
-    """The shards to encode: those without a marker of this job whose files match its checksums.
+def _pending(plan: Plan, shards: list[Shard]) -> tuple[list[Shard], set[str]]:
+    """The shards to encode: those without a marker of this job whose files match its checksums;
+    and the sources of those kept as committed from another input (`run.inputs_moved`).
 
     The marker of such a shard (its files corrupted, other settings) is removed first: the shard is
     not committed, and a marker left in place would make its new attempt take it for committed.
@@ -192,7 +196,7 @@ def _pending(plan: Plan, shards: list[Shard]) -> list[Shard]:
             len(withdrawn),
             ", ".join(withdrawn[:3]),
         )
-    return pending
+    return pending, {s.source for s, _ in moved}
 
 
 def _count(shards: list[Shard]) -> SampleCount:
