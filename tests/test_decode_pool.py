@@ -15,7 +15,7 @@ import torch
 from conftest import in_process_encoder, small_config
 
 from jobs.demo_data import demo_sample, synth_video, video_file_bytes
-from jobs.inputs.decode_pool import ClipSpec, DecodePool
+from jobs.inputs.decode_pool import ClipSpec, DecodePool, _ended
 from jobs.inputs.sampling import ClipRequest
 from jobs.inputs.video import DecodeLimits, VideoError, read_clip
 
@@ -108,11 +108,7 @@ def test_a_fork_server_killed_and_reaped_is_started_afresh(pool):
 
 def _running(pid: int) -> bool:
     """Whether `pid` runs (not gone, and not a zombie that no one has reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return not _ended(pid)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")

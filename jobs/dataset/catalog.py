@@ -186,12 +186,13 @@ def _shard_names(store: Store, folder: str, suffix: str) -> list[str]:
     return [rel[start:].removesuffix(suffix) for rel in rels if rel.endswith(suffix) and not is_temporary(Path(rel))]
 
 
-def committed_markers(root: Root, fingerprint: str) -> list[dict[str, Any]]:
-    """The markers of every shard of the directory committed with `fingerprint`, by name."""
+def committed_markers(root: Root, fingerprint: str | None = None) -> list[dict[str, Any]]:
+    """The valid markers of every shard of the directory committed with `fingerprint` (None: with
+    any), by name."""
     store = open_store(root)
     with ThreadPoolExecutor(READERS) as pool:  # on an object store each marker is a few requests
         markers = list(pool.map(lambda name: read_commit(store, name), marker_names(store)))
-    return [m for m in markers if m is not None and m.get("fingerprint") == fingerprint]
+    return [m for m in markers if m is not None and fingerprint in (None, m.get("fingerprint"))]
 
 
 def write_manifest(root: Root, fingerprint: str) -> dict[str, Any]:

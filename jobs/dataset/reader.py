@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 
-from jobs.dataset.catalog import READERS, Root, marker_names, read_commit
+from jobs.dataset.catalog import READERS, Root, committed_markers
 from jobs.dataset.layout import SCHEMA
 from jobs.dataset.store import open_store
 
@@ -31,11 +31,10 @@ def read_metadata(root: Root) -> pa.Table:
     killed while it committed, until a rerun tidies up), is not read: its rows may point into a tar
     of another attempt."""
     store = open_store(root)
+    files = [m["meta"]["path"] for m in committed_markers(store)]
+    if not files:
+        return SCHEMA.empty_table()
     with ThreadPoolExecutor(READERS) as pool:  # in order; on an object store each file is a request or two
-        markers = list(pool.map(lambda name: read_commit(store, name), marker_names(store)))
-        files = [m["meta"]["path"] for m in markers if m is not None]
-        if not files:
-            return SCHEMA.empty_table()
         return pa.concat_tables(list(pool.map(lambda rel: read_table(store, rel), files)))
 
 
