@@ -156,9 +156,9 @@ def test_a_failed_commit_leaves_no_final_file_and_no_marker(tmp_path, blocked):
     store, deleted = writer.store, []
     real_delete = store.delete
 
-    def delete(rel):  # the real delete, noting whether the shard's commit lock is held meanwhile
+    def delete(rel, version=None):  # the real delete, noting whether the shard's commit lock is held meanwhile
         deleted.append((rel, store.lock_held("_commits/.part-0.lock")))
-        return real_delete(rel)
+        return real_delete(rel, version)
 
     store.delete = delete
     with pytest.raises(OSError):

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,28 @@ def test_the_marker_is_created_once_and_data_objects_appear_whole(s3):
     assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="unit/").get("Uploads")
     with pytest.raises(FileNotFoundError):
         store.read_bytes("nope")
+
+
+def test_a_data_object_is_created_only_where_its_name_is_free_and_removed_only_as_put(s3):
+    """A publish to a taken name is refused (one PUT or a multipart upload alike), the object and
+    the staged file left as they were; a delete given the version a publish returned removes the
+    object only while it is that version."""
+    store = S3Store("s3://outputs/versions", part_bytes=5 * 2**20, single_put_max=5 * 2**20)
+    for rel, size in (("meta/small.parquet", 1000), ("latents/big.tar", 11 * 2**20)):
+        staged = store.staging(rel)
+        staged.write_bytes(first := os.urandom(size))
+        version = store.publish(staged, rel)
+        staged = store.staging(rel)
+        staged.write_bytes(os.urandom(size))
+        with pytest.raises(FileExistsError):
+            store.publish(staged, rel)
+        assert staged.exists() and store.read_bytes(rel) == first
+        staged.unlink()
+        s3.client.put_object(Bucket="outputs", Key=f"versions/{rel}", Body=b"another attempt's")
+        assert not store.delete(rel, version) and store.read_bytes(rel) == b"another attempt's"
+        assert store.delete(rel, s3.client.head_object(Bucket="outputs", Key=f"versions/{rel}")["ETag"])
+        assert store.size(rel) is None
+    assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="versions/").get("Uploads")
 
 
 def test_an_upload_killed_midway_shows_nothing_and_its_leftover_is_aborted(s3):
@@ -431,6 +454,59 @@ def test_an_attempt_whose_lease_is_taken_over_stops_writing_and_leaves_the_names
     s3.client.delete_object(Bucket="outputs", Key="stalled/_commits/.part-0.lock")
     assert remove_uncommitted(store) == ["part-0"]  # the job's tidy-up, once the lock is free
     assert store.list() == []
+
+
+def _taken_over_during(
+    s3, store: S3Store, monkeypatch, stalled_rel: str, then: Callable[[], None], error: Exception | None = None
+) -> None:
+    """Makes the publish of `stalled_rel` stall past the lease's length: the shard's lease is taken
+    over and `then()` runs (another attempt's commit), the stalled holder's renewal fails; then the
+    stalled request goes on, or fails with `error`."""
+    publish = store.publish
+
+    def stall_then_publish(staged: Path, rel: str) -> str:
+        if rel == stalled_rel:
+            s3.client.delete_object(Bucket="outputs", Key=f"{store.prefix}/_commits/.part-0.lock")
+            then()
+            time.sleep(2.5)  # the stalled holder's next renewal fails
+            if error is not None:
+                raise error
+        return publish(staged, rel)
+
+    monkeypatch.setattr(store, "publish", stall_then_publish)
+
+
+def test_a_stalled_attempts_late_upload_does_not_replace_the_next_attempts_commit(s3, monkeypatch):
+    """The tar's upload of an attempt that passed its lease check stalls (a partition, the client's
+    retries) past the lease's length; another attempt takes the lease over and commits different
+    bytes. The late upload lands after that commit: it must not replace the committed tar."""
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)  # renewed every second
+    url = "s3://outputs/late-upload"
+    stalled, _ = _write(store := S3Store(url))
+    committed: list[dict[str, Any]] = []
+    then = lambda: committed.append(_write(url, keys=("other", "keys"))[0].commit())  # noqa: E731
+    _taken_over_during(s3, store, monkeypatch, "latents/part-0.tar", then)
+    with pytest.raises(LockLost):
+        stalled.commit()
+    stalled.abort()  # as the worker does after a failed commit
+    assert read_commit(store, "part-0", verify=True) == committed[0]  # the files its marker names, intact
+
+
+def test_a_stalled_attempt_that_fails_removes_nothing_once_its_lease_is_lost(s3, monkeypatch):
+    """The stalled attempt's tar is up; its Parquet upload stalls while another attempt takes the
+    lease over and commits the same bytes (its tar replaces the stalled one's, which no marker
+    names), then fails. The stalled attempt must not remove its tar: the same bytes are the same
+    version (ETag), and the name is the committed attempt's now."""
+    monkeypatch.setattr(store_module, "LEASE_S", 4.0)
+    url = "s3://outputs/late-failure"
+    stalled, _ = _write(store := S3Store(url))
+    committed: list[dict[str, Any]] = []
+    then = lambda: committed.append(_write(url)[0].commit())  # noqa: E731
+    _taken_over_during(s3, store, monkeypatch, "meta/part-0.parquet", then, ConnectionError("network down"))
+    with pytest.raises(ConnectionError):
+        stalled.commit()
+    stalled.abort()
+    assert read_commit(store, "part-0", verify=True) == committed[0]
 
 
 SETTINGS = ["--set", "video.num_frames=8", "--set", "video.height=64", "--set", "video.width=64"]

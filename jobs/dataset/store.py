@@ -5,7 +5,9 @@ Every reader and writer of the format names files relative to the dataset root a
 
 - A data file appears complete. Local: written to a temporary beside it, fsynced, renamed. s3:
   staged in a local file, then one PUT (small) or a multipart upload completed last and aborted
-  on failure.
+  on failure; either creates the name only where it is free (`If-None-Match: *`), and a failed
+  attempt removes only what it put (`If-Match` on its ETag), so that the requests of an attempt
+  that lost its lease, landing late, neither replace nor remove the next holder's files.
 - The commit marker is written once. Local: `link()` of an fsynced temporary, which fails if the
   marker exists. s3: a PUT with `If-None-Match: *`, which the store refuses if the object exists
   (AWS S3, MinIO, moto); on a store without conditional writes, a check before the PUT.
@@ -34,7 +36,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -88,16 +90,24 @@ class Store(ABC):
         """Writes `data` only if there is no such file yet (the commit marker); False if there was."""
 
     @abstractmethod
-    def delete(self, rel: str) -> bool:
-        """Removes the file; True if there was one."""
+    def delete(self, rel: str, version: str | None = None) -> bool:
+        """Removes the file; True if there was one. With `version` (what `publish` returned), only
+        that version of it: False if the name holds another one now (it is left as it is)."""
 
     @abstractmethod
     def staging(self, rel: str) -> Path:
         """A fresh local file to write the data of `rel` into before `publish`."""
 
     @abstractmethod
-    def publish(self, staged: Path, rel: str) -> None:
-        """Makes a staged file appear complete under `rel` (and consumes the staged file)."""
+    def publish(self, staged: Path, rel: str) -> str | None:
+        """Makes a staged file appear complete under `rel` (and consumes the staged file); returns
+        the version it created where the store names versions (s3: the object's ETag), else None.
+
+        Raises:
+            FileExistsError: The store creates the name only where it is free (s3, so that a late
+                write of an attempt that lost its lease never replaces another attempt's file), and
+                it is taken. The staged file stays, for another try.
+        """
 
     @abstractmethod
     def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
@@ -198,7 +208,7 @@ class LocalStore(Store):
             raise
         return tmp
 
-    def delete(self, rel: str) -> bool:
+    def delete(self, rel: str, version: str | None = None) -> bool:
         path = self._path(rel)
         try:
             path.unlink()
@@ -211,6 +221,8 @@ class LocalStore(Store):
         return temp_path(self._path(rel))  # beside the final name: the rename stays on one filesystem
 
     def publish(self, staged: Path, rel: str) -> None:
+        """Renames the staged file into place. (A local lock is held until its process dies, so no
+        attempt writes on after losing it: no version is needed to tell attempts' files apart.)"""
         final = self._path(rel)
         os.replace(staged, final)
         sync_dir(final.parent)  # the name is on disk before a marker names it
@@ -317,26 +329,44 @@ class S3Store(Store):
 
     def create(self, rel: str, data: bytes) -> bool:
         client = s3_client()
+        return self._create_only(rel, lambda condition: client.put_object(**self._at(rel), Body=data, **condition))
+
+    def _at(self, rel: str) -> dict[str, str]:
+        return {"Bucket": self.bucket, "Key": self._key(rel)}
+
+    def _create_only(self, rel: str, put: Callable[[dict[str, str]], dict[str, Any]]) -> str | None:
+        """Runs `put(condition)`, a request that creates `rel`, so that it creates it only where there
+        is none: with `If-None-Match: *` where the server takes it, else after a check (best effort).
+        The new object's ETag; None if `rel` was there."""
+        client = s3_client()
         if self.conditional:
             try:
-                client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data, IfNoneMatch="*")
-                return True
+                return put({"IfNoneMatch": "*"})["ETag"]
             except client.exceptions.ClientError as e:
                 code = _error_code(e)
                 if code in _TAKEN:
-                    return False
+                    return None
                 if code not in _UNSUPPORTED:
                     raise
                 self.conditional = False  # a store without conditional writes: check, then put
         if self.exists(rel):
-            return False
-        self.write(rel, data)
-        return True
+            return None
+        return put({})["ETag"]
 
-    def delete(self, rel: str) -> bool:
+    def delete(self, rel: str, version: str | None = None) -> bool:
         if not self.exists(rel):
             return False
-        s3_client().delete_object(Bucket=self.bucket, Key=self._key(rel))
+        client = s3_client()
+        if version is not None and self.conditional:
+            try:
+                client.delete_object(**self._at(rel), IfMatch=version)
+                return True
+            except client.exceptions.ClientError as e:
+                if _error_code(e) in (*_TAKEN, "NoSuchKey", "404"):
+                    return False  # another version is there now (or none): not ours to remove
+                if _error_code(e) not in _UNSUPPORTED:
+                    raise
+        client.delete_object(**self._at(rel))
         return True
 
     def staging(self, rel: str) -> Path:
@@ -348,36 +378,57 @@ class S3Store(Store):
         os.close(fd)
         return Path(name)
 
-    def publish(self, staged: Path, rel: str) -> None:
+    def publish(self, staged: Path, rel: str) -> str:
         """One PUT for a small file; else a multipart upload whose completion (last) makes the object
         appear, and which is aborted if any part fails. A killed process leaves an unfinished upload,
-        which no reader sees and `cleanup` aborts."""
-        client, key = s3_client(), self._key(rel)
+        which no reader sees and `cleanup` aborts. Either creates `rel` only where it is free
+        (`create`'s condition): an attempt whose lease was taken over while its request was on the
+        way (a network partition, the client's retries) cannot replace the next holder's file."""
+        client = s3_client()
+        size = staged.stat().st_size
+        if size <= self.single_put_max:
+            with open(staged, "rb") as f:
+
+                def put(condition: dict[str, str]) -> dict[str, Any]:
+                    f.seek(0)  # (again after a refused condition)
+                    return client.put_object(**self._at(rel), Body=f, **condition)
+
+                try:
+                    etag = self._create_only(rel, put)
+                except BaseException:
+                    staged.unlink(missing_ok=True)
+                    raise
+        else:
+            etag = self._upload_parts(staged, rel)
+        if etag is None:
+            raise FileExistsError(f"{self.url}/{rel}: exists (the staged file stays, {staged})")
+        staged.unlink(missing_ok=True)
+        return etag
+
+    def _upload_parts(self, staged: Path, rel: str) -> str | None:
+        client, at = s3_client(), self._at(rel)
+        upload = client.create_multipart_upload(**at)["UploadId"]
         try:
-            size = staged.stat().st_size
-            if size <= self.single_put_max:
-                with open(staged, "rb") as f:
-                    client.put_object(Bucket=self.bucket, Key=key, Body=f)
-                return
-            upload = client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
-            try:
-                parts = []
-                with open(staged, "rb") as f:
-                    while chunk := f.read(self.part_bytes):
-                        number = len(parts) + 1
-                        etag = client.upload_part(
-                            Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=chunk
-                        )["ETag"]
-                        parts.append({"PartNumber": number, "ETag": etag})
-                        fault("mid-upload")
-                client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
-                )
-            except BaseException:
-                client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
-                raise
-        finally:
+            parts = []
+            with open(staged, "rb") as f:
+                while chunk := f.read(self.part_bytes):
+                    number = len(parts) + 1
+                    etag = client.upload_part(**at, UploadId=upload, PartNumber=number, Body=chunk)["ETag"]
+                    parts.append({"PartNumber": number, "ETag": etag})
+                    fault("mid-upload")
+            done = self._create_only(
+                rel,
+                lambda condition: client.complete_multipart_upload(
+                    **at, UploadId=upload, MultipartUpload={"Parts": parts}, **condition
+                ),
+            )
+        except BaseException:
+            client.abort_multipart_upload(**at, UploadId=upload)
             staged.unlink(missing_ok=True)
+            raise
+        if done is None:
+            client.abort_multipart_upload(**at, UploadId=upload)
+        return done
 
     def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
         return _Lease(self, self._key(rel), wait)

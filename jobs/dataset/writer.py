@@ -109,7 +109,7 @@ class ShardWriter:
         self.rows: list[dict[str, Any]] = []
         self._shard_errors = 0
         self._tmp: list[Path] = []
-        self._placed: list[str] = []  # final names this attempt has published, until committed
+        self._placed: list[tuple[str, str | None]] = []  # (final name, version) this attempt published, until committed
         self._stems: dict[str, str] = {}  # member stem -> the key that took it (two of a name break webdataset)
         self._tar_path = self._temp(self.files.latents)
         self._raw = open(self._tar_path, "wb")
@@ -211,7 +211,8 @@ class ShardWriter:
         has committed the shard yet: a late ("zombie") attempt of a shard that was retried and
         committed elsewhere drops its own files and returns the committed marker, so a committed
         shard is never rewritten. The marker is created only if absent (a second one is refused
-        by the filesystem or the object store), which holds even if a lock were lost."""
+        by the filesystem or the object store), which holds even if a lock were lost; on s3 the
+        data objects are too, and a failed attempt removes only the versions it put."""
         self._tar.close()
         sync_close(self._raw)
         tar_sha, tar_bytes = self._hash.sha256.hexdigest(), self._hash.nbytes
@@ -233,11 +234,10 @@ class ShardWriter:
                 return existing
             try:
                 return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes, lost)
-            except LockLost:
-                self._placed.clear()  # the names may be the new holder's now: left to the job's tidy-up
-                raise
             except BaseException:
-                self._unplace()  # still under the lock: a later attempt's files are never the ones removed
+                if lost.is_set():  # taken over: the names may be the new holder's now, left to the job's tidy-up
+                    self._placed.clear()
+                self._unplace()  # still under the lock: only the versions this attempt put
                 raise
 
     def _place(
@@ -245,8 +245,7 @@ class ShardWriter:
     ) -> dict[str, Any]:
         for staged, rel in ((self._tar_path, self.files.latents), (meta_tmp, self.files.meta)):
             self._still_held(lost)
-            self.store.publish(staged, rel)  # complete under its final name before a marker names it
-            self._placed.append(rel)
+            self._placed.append((rel, self._publish(staged, rel, lost)))  # complete before a marker names it
         fault("before-marker")
         fault("hang-before-marker")
         self._still_held(lost)
@@ -275,6 +274,18 @@ class ShardWriter:
         self._placed.clear()  # committed: nothing to take back
         return marker
 
+    def _publish(self, staged: Path, rel: str, lost: threading.Event) -> str | None:
+        """Publishes a staged file under its final name. Where the store creates names only where they
+        are free (s3) and this one is taken, it holds what an attempt that never committed left (no
+        marker names it, and this attempt holds the shard's lock): that is removed, and the file
+        published again."""
+        try:
+            return self.store.publish(staged, rel)
+        except FileExistsError:
+            self._still_held(lost)
+            self.store.delete(rel)
+            return self.store.publish(staged, rel)
+
     def _still_held(self, lost: threading.Event) -> None:
         if lost.is_set():
             raise LockLost(
@@ -298,8 +309,8 @@ class ShardWriter:
         self._unplace()
 
     def _unplace(self) -> None:
-        for rel in self._placed:
-            self.store.delete(rel)
+        for rel, version in self._placed:
+            self.store.delete(rel, version)  # (s3: only if the name still holds what this attempt put)
         self._placed.clear()
 
 
