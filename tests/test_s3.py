@@ -593,27 +593,35 @@ def test_a_job_with_s3_input_and_output_reads_back_everywhere(s3, local_run, tmp
     assert data_objects(out) == data_objects(local_run)
 
 
+def _committing(command: list[str], store: Any, fault: str) -> subprocess.Popen:
+    """A job run in a session of its own with `fault` (`FAULT_ENV`), once it has committed a shard
+    (and still runs); killed if it does not get there."""
+    job = subprocess.Popen(
+        command,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, FAULT_ENV: fault},
+    )
+    deadline = time.monotonic() + 240
+    while not marker_names(store) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.1)
+    if not marker_names(store) or job.poll() is not None:
+        kill_session(job.pid)
+        raise AssertionError(f"the run ended, or committed nothing, in time: {job.communicate()[1][-3000:]}")
+    return job
+
+
 @pytest.mark.slow
 def test_a_killed_s3_run_resumes_where_it_stopped(s3, local_run):
     """The whole job (driver, Ray, actors) is SIGKILLed after its first commit; the rerun takes over
     the dead job's lease at once, encodes only what is left, and ends with the local run's bytes."""
     out = "s3://outputs/killed-run"
     store = open_store(out)
-    job = subprocess.Popen(
-        precompute(out, "--workers", "1"),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, FAULT_ENV: "slow-commit"},
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker_names(store) and time.monotonic() < deadline and job.poll() is None:
-            time.sleep(0.1)
-        assert marker_names(store) and job.poll() is None, "the run ended before it was killed"
-    finally:
-        kill_session(job.pid)
-        job.wait()
+    job = _committing(precompute(out, "--workers", "1"), store, "slow-commit")
+    kill_session(job.pid)
+    job.wait()
     assert store.exists(".lock") and not store.exists("manifest.json")
     # What a kill mid-upload leaves (the job's own objects are too small for multipart uploads):
     # the rerun aborts it.
@@ -624,6 +632,30 @@ def test_a_killed_s3_run_resumes_where_it_stopped(s3, local_run):
     assert skipped >= 1
     assert data_objects(out) == data_objects(local_run)
     assert not s3.client.list_multipart_uploads(Bucket="outputs", Prefix="killed-run/").get("Uploads")
+
+
+@pytest.mark.slow
+def test_a_job_whose_directory_lease_is_taken_over_stops_and_leaves_the_directory_alone(s3):
+    """The driver's lease on the output is taken over by another job (as once its renewals have
+    failed for a lease's length): the driver stops at once, with a line that says why, and touches
+    nothing more: the new holder's lease, its unfinished uploads and the report are left alone."""
+    out, store = "s3://outputs/taken-over", open_store("s3://outputs/taken-over")
+    script = (  # the job, with 4 s leases (renewed every second) and a 2 s pause before each commit
+        "import sys; from jobs.dataset import store; store.LEASE_S = 4.0\n"
+        "from jobs.precompute import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    job = _committing([sys.executable, "-c", script, *precompute(out)[3:], "--workers", "1"], store, "slow-commit=2")
+    try:
+        s3.client.put_object(Bucket="outputs", Key="taken-over/.lock", Body=b'{"host": "elsewhere", "pid": 1}')
+        # The new holder's upload under way, which the stopped job's tidy-up must not abort
+        s3.client.create_multipart_upload(Bucket="outputs", Key="taken-over/latents/shard-000002.tar")
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        kill_session(job.pid)
+    assert job.returncode == 1 and "another job took over the lock of s3://outputs/taken-over" in stderr, stderr[-3000:]
+    assert json.loads(store.read_bytes(".lock")) == {"host": "elsewhere", "pid": 1}
+    assert s3.client.list_multipart_uploads(Bucket="outputs", Prefix="taken-over/")["Uploads"]
+    assert not store.exists("report.json") and not store.exists("manifest.json")
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from jobs.dataset.layout import (
     ShardFiles,
     is_temporary,
 )
-from jobs.dataset.store import Store, open_store
+from jobs.dataset.store import Lost, Store, open_store
 
 Root = str | Path | Store  # a dataset root, as every reader takes it
 
@@ -215,8 +215,10 @@ BUSY_TRIES, BUSY_WAIT_S = 6, 0.1  # the output lock's tries, and the pause betwe
 
 
 @contextmanager
-def output_lock(root: Root) -> Iterator[None]:
-    """Holds an exclusive lock on the dataset directory (created if needed) while the job writes it.
+def output_lock(root: Root) -> Iterator[Lost]:
+    """Holds an exclusive lock on the dataset directory (created if needed) while the job writes it;
+    gives the lock's `Lost` event (on s3, `taken` once another job took the lease over: this one
+    must stop).
 
     Raises:
         DatasetBusy: Another job holds it. A lock left by a killed job is released with its process
@@ -228,13 +230,13 @@ def output_lock(root: Root) -> Iterator[None]:
         # a job that starts in that instant tries again a few times before it calls the directory busy
         for attempt in range(BUSY_TRIES):
             try:
-                held.enter_context(store.lock(LOCK_FILE, wait=False))
+                lost = held.enter_context(store.lock(LOCK_FILE, wait=False))
                 break
             except BlockingIOError:
                 if attempt == BUSY_TRIES - 1:
                     raise DatasetBusy(f"another precompute job is writing to {store}") from None
                 time.sleep(BUSY_WAIT_S)
-        yield  # what the job raises passes through unchanged
+        yield lost  # what the job raises passes through unchanged
 
 
 def lock_held(root: Root) -> bool:

@@ -59,6 +59,13 @@ class LockLost(OSError):
     must stop writing under it."""
 
 
+class Lost(threading.Event):
+    """What `Store.lock` gives its holder: set once the lock is lost while held (its holder must
+    stop writing under it); `taken` once another process holds it."""
+
+    taken = False
+
+
 class Store(ABC):
     """A dataset root; every name is a `/`-separated path relative to it."""
 
@@ -110,10 +117,10 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[Lost]:
         """Holds an exclusive lock named `rel` (one job per dataset, one committing attempt per shard).
 
-        Gives an event that is set if the lock is lost while held (a lease on an object store taken
+        Gives a `Lost` event, set if the lock is lost while held (a lease on an object store taken
         over after its holder stalled past its length); a local lock is never lost.
 
         Raises:
@@ -228,9 +235,9 @@ class LocalStore(Store):
         sync_dir(final.parent)  # the name is on disk before a marker names it
 
     @contextmanager
-    def lock(self, rel: str, wait: bool = True) -> Iterator[threading.Event]:
+    def lock(self, rel: str, wait: bool = True) -> Iterator[Lost]:
         with file_lock(self._path(rel), wait):
-            yield threading.Event()  # held until released: never set
+            yield Lost()  # held until released: never set
 
     def lock_held(self, rel: str) -> bool:
         try:
@@ -430,7 +437,7 @@ class S3Store(Store):
             client.abort_multipart_upload(**at, UploadId=upload)
         return done
 
-    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[threading.Event]:
+    def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[Lost]:
         return _Lease(self, self._key(rel), wait)
 
     def lock_held(self, rel: str) -> bool:
@@ -522,7 +529,7 @@ _TAKEN = ("PreconditionFailed", "ConditionalRequestConflict")  # a conditional w
 _UNSUPPORTED = ("NotImplemented", "InvalidArgument")  # a store without conditional headers
 
 
-class _Held(threading.Event):
+class _Held(Lost):
     """Set once a lease is lost (`taken`: another process holds it, or it is gone); and, for good,
     once it has gone unrenewed for most of its length (`LEASE_S`), even while a renewal still waits
     in its retries (a network down, a partition): another process may take it over then. Its
@@ -539,7 +546,7 @@ class _Held(threading.Event):
         return super().is_set()
 
 
-class _Lease(AbstractContextManager[threading.Event]):
+class _Lease(AbstractContextManager[Lost]):
     """An exclusive lock on an object store: a lease object created only if absent, renewed by a
     thread while held, deleted on release; one left by a dead or silent holder is taken over.
 
@@ -556,7 +563,7 @@ class _Lease(AbstractContextManager[threading.Event]):
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
-    def __enter__(self) -> threading.Event:
+    def __enter__(self) -> Lost:
         while not self._claim():
             state = _lease_state(self.bucket, self.key)
             if state is None:

@@ -60,7 +60,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
     shards = check_config(config, allow_shell)
     with ExitStack() as held:
         try:  # before the cluster starts: a second job on the same directory is refused at once
-            held.enter_context(output_lock(config.output))
+            directory = held.enter_context(output_lock(config.output))
         except DatasetBusy as e:
             raise UsageError(str(e)) from None
         owns_ray = connect(config.run.address)
@@ -83,7 +83,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     total.known, len(pending), uncounted=total.uncounted, log_every=config.run.progress_interval_s
                 )
                 try:
-                    schedule(plan, pending, pool, bar, summary)
+                    schedule(plan, pending, pool, bar, summary, directory)
                 except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
                     summary.interrupted = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
                     _write_report(plan, summary, started)
@@ -91,7 +91,8 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                 finally:
                     bar.close()
                     pool.shutdown()
-                    _tidy(plan)
+                    if not directory.taken:  # (else the job holding it now does: its uploads are not ours)
+                        _tidy(plan)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)

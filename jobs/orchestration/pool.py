@@ -23,6 +23,7 @@ from typing import Any
 import ray
 import ray.exceptions
 
+from jobs.dataset.store import Lost
 from jobs.inputs.shards import Shard
 from jobs.orchestration.actor import EncoderActor
 from jobs.orchestration.config import RunConfig, RunFailed, Terminated
@@ -315,8 +316,15 @@ def creation_error(e: BaseException) -> str:
     return (lines[-1] if lines else describe_error(e))[:300]
 
 
-def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary) -> None:
-    """Runs every shard on the actor pool; retries a shard whose worker failed."""
+def schedule(
+    plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBar, summary: Summary, directory: Lost
+) -> None:
+    """Runs every shard on the actor pool; retries a shard whose worker failed.
+
+    Raises:
+        RunFailed: Another job took the output directory's lock over (`directory.taken`: on s3, this
+            driver's renewals failed for a lease's length): this job stops at once.
+    """
     pool.say = bar.note
     # An actor's first shard is the one it read while it started (`EncoderPool.first`).
     firsts = {shard.name for shard in pool.first.values()}
@@ -354,6 +362,11 @@ def schedule(plan: Plan, shards: list[Shard], pool: EncoderPool, bar: ProgressBa
 
     checked = time.monotonic()
     while running or ((queue or ahead) and (idle or pool.starting)):
+        if directory.taken:
+            raise RunFailed(
+                f"another job took over the lock of {plan.root} (this driver's renewals of it failed for a lease's "
+                "length): this job stops and leaves the directory to that job; its committed shards are kept"
+            )
         if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
             checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
             room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
