@@ -188,7 +188,12 @@ def _shard_names(store: Store, folder: str, suffix: str) -> list[str]:
 
 def committed_markers(root: Root, fingerprint: str | None = None) -> list[dict[str, Any]]:
     """The valid markers of every shard of the directory committed with `fingerprint` (None: with
-    any), by name."""
+    any), by name.
+
+    Raises:
+        OSError: A marker or its files could not be read (`read_commit`): a shard is never left out
+            of a listing for a read that failed.
+    """
     store = open_store(root)
     with ThreadPoolExecutor(READERS) as pool:  # on an object store each marker is a few requests
         markers = list(pool.map(lambda name: read_commit(store, name), marker_names(store)))
@@ -197,7 +202,11 @@ def committed_markers(root: Root, fingerprint: str | None = None) -> list[dict[s
 
 def write_manifest(root: Root, fingerprint: str) -> dict[str, Any]:
     """Writes `manifest.json`: every shard of the directory committed with `fingerprint`, and the
-    totals, whichever run committed it (a rerun with other inputs adds to the same dataset)."""
+    totals, whichever run committed it (a rerun with other inputs adds to the same dataset).
+
+    Raises:
+        OSError: A marker could not be read (nothing is written: the manifest never leaves it out).
+    """
     shards = [{k: m[k] for k in MANIFEST_FIELDS} for m in committed_markers(root, fingerprint)]
     manifest = {
         "fingerprint": fingerprint,

@@ -67,6 +67,10 @@ class LatentDataset(Dataset[dict[str, Any]]):
 
     Items are dicts: `latent` (C T H W, scaled as the trainer expects) and the row's fields
     (`key`, `clip`, `caption`, `meta`, `bucket`, shapes, ...).
+
+    Raises:
+        OSError: A commit marker could not be read (an I/O or network error): the dataset is not
+            opened without that shard.
     """
 
     def __init__(
@@ -215,7 +219,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def latent_stream(root: Root) -> wds.DataPipeline:
     """The committed latent tars of `root` (local or s3://) in order, as a webdataset pipeline of
-    dicts with `latent` (and `mean`/`logvar` when stored), `json` (the sidecar) and `__key__`."""
+    dicts with `latent` (and `mean`/`logvar` when stored), `json` (the sidecar) and `__key__`.
+
+    Raises:
+        OSError: A commit marker could not be read (the stream never starts without that shard).
+    """
     store = open_store(root)
     rels = [m["latents"]["path"] for m in committed_markers(store, read_job(store).fingerprint)]
 
