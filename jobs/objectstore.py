@@ -103,19 +103,32 @@ def _gcs(emulator: str | None) -> pafs.GcsFileSystem:
     return pafs.GcsFileSystem()
 
 
-def s3_client() -> Any:
+# The most a quick client's request takes, its second try and back-off included: two tries of at
+# most 3 s to connect and 3 s for the answer, and at most 1 s between them.
+QUICK_S = 13.0
+
+
+def s3_client(quick: bool = False) -> Any:
     """A boto3 S3 client for the settings above (boto3 reads them itself), one per process.
+
+    `quick`: one that gives a request up within `QUICK_S` (the default one retries for minutes). A
+    lease's holder sends through it what must not land after its lease could have been taken over
+    (`jobs.dataset.store`): sent while the lease is its own, such a request lands within QUICK_S or
+    not at all.
 
     Raises:
         ImportError: boto3 is not installed (it is a dependency of the project).
     """
-    return _client(endpoint(), region())
+    return _client(endpoint(), region(), quick)
 
 
 @functools.cache
-def _client(endpoint_url: str | None, region: str | None) -> Any:
+def _client(endpoint_url: str | None, region: str | None, quick: bool = False) -> Any:
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+    if quick:
+        config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=3)
+    else:
+        config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)

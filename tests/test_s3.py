@@ -35,7 +35,7 @@ from jobs.demo_data import write_demo_dataset
 from jobs.inputs import shards as shards_module
 from jobs.inputs.shards import list_shards
 from jobs.inputs.tar_samples import ShardReadError, read_shard
-from jobs.objectstore import region
+from jobs.objectstore import QUICK_S, region
 from jobs.orchestration.config import JobConfig, UsageError
 from jobs.validate import validate
 
@@ -297,10 +297,73 @@ def flaky(s3, monkeypatch):
         region_name=region(),
         config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=1),
     )
-    monkeypatch.setattr(store_module, "s3_client", lambda: client)
+    monkeypatch.setattr(store_module, "s3_client", lambda quick=False: client)
     yield server
     down.clear()
     server.shutdown()
+
+
+def test_what_must_not_land_late_is_given_up_within_quick_s(s3, monkeypatch):
+    """A conditional delete and a marker's PUT that the store holds unanswered (a partition) are
+    given up by the client within `QUICK_S`: sent while a lease is its holder's, they land while it
+    still is, or not at all (the default client retries for minutes)."""
+    import threading
+
+    store = S3Store("s3://outputs/quick")
+    staged = store.staging("latents/x.tar")
+    staged.write_bytes(b"x" * 1000)
+    version = store.publish(staged, "latents/x.tar")
+    hold = threading.Event()
+
+    def held(handler) -> bool:  # unanswered while `hold` is set, then the connection drops
+        if hold.is_set() and handler.command in ("DELETE", "PUT"):
+            time.sleep(QUICK_S + 5)
+            handler.close_connection = True
+            return True
+        return False
+
+    server = _relay(s3, monkeypatch, held)
+    try:
+        hold.set()
+        for request in (lambda: store.delete("latents/x.tar", version), lambda: store.create("_commits/x.json", b"{}")):
+            started = time.monotonic()
+            with pytest.raises(Exception, match="timeout|timed out"):
+                request()
+            assert time.monotonic() - started <= QUICK_S
+    finally:
+        hold.clear()
+        server.shutdown()
+
+
+def test_a_store_that_refuses_the_condition_on_a_completion_only_keeps_it_elsewhere(s3, monkeypatch):
+    """A server that takes `If-None-Match` on a PUT but not on a multipart completion: uploads fall
+    back to a check before the completion, and the marker and the leases keep their condition."""
+
+    def refuse_on_completion(handler) -> bool:
+        if handler.command != "POST" or "uploadId=" not in handler.path or "If-None-Match" not in handler.headers:
+            return False
+        error = b"<Error><Code>NotImplemented</Code><Message>conditional completions</Message></Error>"
+        handler.send_response(501)
+        handler.send_header("Content-Length", str(len(error)))
+        handler.end_headers()
+        handler.wfile.write(error)
+        return True
+
+    server = _relay(s3, monkeypatch, refuse_on_completion)
+    try:
+        store = S3Store("s3://outputs/no-conditional-completion", part_bytes=5 * 2**20, single_put_max=5 * 2**20)
+        for expected in (None, FileExistsError):
+            staged = store.staging("latents/big.tar")
+            staged.write_bytes(b"y" * (6 * 2**20))
+            if expected is None:
+                store.publish(staged, "latents/big.tar")
+            else:
+                with pytest.raises(expected):
+                    store.publish(staged, "latents/big.tar")
+                staged.unlink()
+        assert not store.conditional_uploads and store.conditional
+    finally:
+        server.shutdown()
 
 
 def test_a_lease_that_cannot_be_renewed_counts_as_lost_before_it_runs_out(flaky, monkeypatch):
@@ -352,6 +415,8 @@ def test_a_store_without_conditional_writes_falls_back_to_checks(unconditional, 
     writer, _ = _write(store)
     marker = writer.commit()
     assert read_commit(store, "part-0", verify=True) == marker
+    tar = marker["latents"]["path"]  # a delete of a version: after a check, here too
+    assert not store.delete(tar, '"another version"') and store.delete(tar, store.version(tar))
 
 
 def test_a_lease_is_exclusive_renewed_and_taken_over_only_when_abandoned(s3, monkeypatch):

@@ -138,6 +138,11 @@ class Store(ABC):
     def exists(self, rel: str) -> bool:
         return self.size(rel) is not None
 
+    def version(self, rel: str) -> str | None:
+        """The version `rel` holds now, as `publish` names them (s3: its ETag); None if there is no
+        such file, or the store names no versions."""
+        return None
+
     def sha256(self, rel: str) -> str:
         digest = hashlib.sha256()
         with self.open(rel) as f:
@@ -295,7 +300,8 @@ class S3Store(Store):
         self.url = f"s3://{path}"
         self.part_bytes = part_bytes
         self.single_put_max = single_put_max
-        self.conditional = True  # cleared when the server refuses conditional writes
+        self.conditional = True  # cleared when the server refuses conditional writes (markers, leases)
+        self.conditional_uploads = True  # the same, for data objects' PUTs and multipart completions
         self.checksummed = True
 
     def _key(self, rel: str) -> str:
@@ -335,36 +341,58 @@ class S3Store(Store):
         s3_client().put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     def create(self, rel: str, data: bytes) -> bool:
-        client = s3_client()
+        """The marker goes through the quick client: sent after a lease check, it lands within
+        `QUICK_S` or not at all."""
+        client = s3_client(quick=True)
         return self._create_only(rel, lambda condition: client.put_object(**self._at(rel), Body=data, **condition))
 
     def _at(self, rel: str) -> dict[str, str]:
         return {"Bucket": self.bucket, "Key": self._key(rel)}
 
-    def _create_only(self, rel: str, put: Callable[[dict[str, str]], dict[str, Any]]) -> str | None:
+    def _create_only(
+        self, rel: str, put: Callable[[dict[str, str]], dict[str, Any]], upload: bool = False
+    ) -> str | None:
         """Runs `put(condition)`, a request that creates `rel`, so that it creates it only where there
         is none: with `If-None-Match: *` where the server takes it, else after a check (best effort).
-        The new object's ETag; None if `rel` was there."""
-        client = s3_client()
-        if self.conditional:
+        The new object's ETag; None if `rel` was there. A server that refuses the condition is
+        remembered per kind of request: `upload` (a data object's PUT or multipart completion), or
+        the marker's and the leases' (`conditional`)."""
+        if self.conditional_uploads if upload else self.conditional:
             try:
                 return put({"IfNoneMatch": "*"})["ETag"]
-            except client.exceptions.ClientError as e:
+            except s3_client().exceptions.ClientError as e:
                 code = _error_code(e)
                 if code in _TAKEN:
                     return None
                 if code not in _UNSUPPORTED:
                     raise
-                self.conditional = False  # a store without conditional writes: check, then put
+                if upload:  # a store without conditional writes: check, then put
+                    self.conditional_uploads = False
+                else:
+                    self.conditional = False
         if self.exists(rel):
             return None
         return put({})["ETag"]
 
-    def delete(self, rel: str, version: str | None = None) -> bool:
-        if not self.exists(rel):
-            return False
+    def version(self, rel: str) -> str | None:
         client = s3_client()
-        if version is not None and self.conditional:
+        try:
+            return client.head_object(**self._at(rel))["ETag"]
+        except client.exceptions.ClientError as e:
+            if _error_code(e) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def delete(self, rel: str, version: str | None = None) -> bool:
+        """With `version`, through the quick client (a lease's holder deletes only after a lease
+        check) and with `If-Match` on it; where the server takes no condition, after a check."""
+        if version is None:
+            if not self.exists(rel):
+                return False
+            s3_client().delete_object(**self._at(rel))
+            return True
+        client = s3_client(quick=True)
+        if self.conditional:
             try:
                 client.delete_object(**self._at(rel), IfMatch=version)
                 return True
@@ -373,6 +401,8 @@ class S3Store(Store):
                     return False  # another version is there now (or none): not ours to remove
                 if _error_code(e) not in _UNSUPPORTED:
                     raise
+        if self.version(rel) != version:  # (best effort: check, then delete)
+            return False
         client.delete_object(**self._at(rel))
         return True
 
@@ -401,7 +431,7 @@ class S3Store(Store):
                     return client.put_object(**self._at(rel), Body=f, **condition)
 
                 try:
-                    etag = self._create_only(rel, put)
+                    etag = self._create_only(rel, put, upload=True)
                 except BaseException:
                     staged.unlink(missing_ok=True)
                     raise
@@ -428,13 +458,17 @@ class S3Store(Store):
                 lambda condition: client.complete_multipart_upload(
                     **at, UploadId=upload, MultipartUpload={"Parts": parts}, **condition
                 ),
+                upload=True,
             )
         except BaseException:
             client.abort_multipart_upload(**at, UploadId=upload)
             staged.unlink(missing_ok=True)
             raise
         if done is None:
-            client.abort_multipart_upload(**at, UploadId=upload)
+            try:
+                client.abort_multipart_upload(**at, UploadId=upload)
+            except client.exceptions.ClientError:
+                pass  # (a completion that went through, its answer lost, and refused when retried: no upload left)
         return done
 
     def lock(self, rel: str, wait: bool = True) -> AbstractContextManager[Lost]:

@@ -235,9 +235,7 @@ class ShardWriter:
             try:
                 return self._place(tar_sha, tar_bytes, meta_tmp, meta_sha, meta_bytes, lost)
             except BaseException:
-                if lost.is_set():  # taken over: the names may be the new holder's now, left to the job's tidy-up
-                    self._placed.clear()
-                self._unplace()  # still under the lock: only the versions this attempt put
+                self._unplace(lost)  # still under the lock: only the versions this attempt put
                 raise
 
     def _place(
@@ -282,8 +280,9 @@ class ShardWriter:
         try:
             return self.store.publish(staged, rel)
         except FileExistsError:
+            version = self.store.version(rel)
             self._still_held(lost)
-            self.store.delete(rel)
+            self.store.delete(rel, version)  # (s3: only the leftover seen, within `QUICK_S` of the check)
             return self.store.publish(staged, rel)
 
     def _still_held(self, lost: threading.Event) -> None:
@@ -308,9 +307,14 @@ class ShardWriter:
             path.unlink(missing_ok=True)
         self._unplace()
 
-    def _unplace(self) -> None:
+    def _unplace(self, lost: threading.Event | None = None) -> None:
+        """Removes what this attempt published, each only if the name still holds the version it put
+        (s3) and while its lock is still its own: once `lost`, the names may be the new holder's
+        (an attempt's bytes are its successor's, the same version), left to the job's tidy-up."""
         for rel, version in self._placed:
-            self.store.delete(rel, version)  # (s3: only if the name still holds what this attempt put)
+            if lost is not None and lost.is_set():
+                break
+            self.store.delete(rel, version)
         self._placed.clear()
 
 

@@ -38,6 +38,7 @@ from jobs.orchestration.pool import (
     node_resources,
     request_gpus,
     schedule,
+    still_held,
     withdraw_gpu_request,
     worker_count,
 )
@@ -86,13 +87,15 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     schedule(plan, pending, pool, bar, summary, directory)
                 except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
                     summary.interrupted = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
-                    _write_report(plan, summary, started)
+                    if not directory.taken:
+                        _write_report(plan, summary, started)
                     raise
                 finally:
                     bar.close()
                     pool.shutdown()
                     if not directory.taken:  # (else the job holding it now does: its uploads are not ours)
                         _tidy(plan)
+            still_held(directory, plan)  # (taken over since the last shard: nothing more is written)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)

@@ -362,11 +362,7 @@ def schedule(
 
     checked = time.monotonic()
     while running or ((queue or ahead) and (idle or pool.starting)):
-        if directory.taken:
-            raise RunFailed(
-                f"another job took over the lock of {plan.root} (this driver's renewals of it failed for a lease's "
-                "length): this job stops and leaves the directory to that job; its committed shards are kept"
-            )
+        still_held(directory, plan)
         if run.workers == 0 and queue and time.monotonic() - checked >= run.scale_interval_s:
             checked = time.monotonic()  # the pool follows the cluster: a node joined, more actors
             room = capacity(run.cpus_per_worker, node_resources(), pool.gpus) - len(pool.actors)
@@ -461,6 +457,15 @@ def schedule(
         bar.note(f"{len(pool.starting)} encoder actors were still starting when the work ran out")
     for shard in [*queue, *ahead.values()]:  # only when every actor died and none could replace it
         summary.failed[shard.name] = "no encoder actor left (each one died or could not be placed; see the Ray logs)"
+
+
+def still_held(directory: Lost, plan: Plan) -> None:
+    """Raises RunFailed if another job took over the output directory's lock (`Lost.taken`)."""
+    if directory.taken:
+        raise RunFailed(
+            f"another job took over the lock of {plan.root} (this driver's renewals of it failed for a lease's "
+            "length): this job stops and leaves the directory to that job; its committed shards are kept"
+        )
 
 
 def over_budget(summary: Summary, run: RunConfig) -> str | None:
