@@ -128,7 +128,7 @@ def _client(endpoint_url: str | None, region: str | None, quick: bool = False) -
     from botocore.config import Config
 
     if quick:
-        config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=3)
+        config = Config(retries={"total_max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=3)
     else:
         config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)

@@ -313,10 +313,11 @@ def test_what_must_not_land_late_is_given_up_within_quick_s(s3, monkeypatch):
     staged = store.staging("latents/x.tar")
     staged.write_bytes(b"x" * 1000)
     version = store.publish(staged, "latents/x.tar")
-    hold = threading.Event()
+    hold, tries = threading.Event(), []
 
     def held(handler) -> bool:  # unanswered while `hold` is set, then the connection drops
         if hold.is_set() and handler.command in ("DELETE", "PUT"):
+            tries.append(handler.command)
             time.sleep(QUICK_S + 5)
             handler.close_connection = True
             return True
@@ -330,8 +331,33 @@ def test_what_must_not_land_late_is_given_up_within_quick_s(s3, monkeypatch):
             with pytest.raises(Exception, match="timeout|timed out"):
                 request()
             assert time.monotonic() - started <= QUICK_S
+        assert tries == ["DELETE", "DELETE", "PUT", "PUT"]  # two tries each (the bound counts two)
     finally:
         hold.clear()
+        server.shutdown()
+
+
+def test_a_marker_left_unanswered_once_is_tried_again_and_the_shard_commits(s3, monkeypatch):
+    """The store holds the marker's PUT unanswered, and the client's second try too (given up
+    within `QUICK_S`): the marker is tried again, after a lease check, and the shard commits
+    without being encoded again."""
+    answered = []
+
+    def hold_the_first_marker(handler) -> bool:
+        if handler.command != "PUT" or "/_commits/part-0.json" not in handler.path or len(answered) == 2:
+            return False
+        answered.append(handler.path)
+        time.sleep(QUICK_S + 5)
+        handler.close_connection = True
+        return True
+
+    server = _relay(s3, monkeypatch, hold_the_first_marker)
+    try:
+        store = S3Store("s3://outputs/slow-marker")
+        writer, _ = _write(store)
+        marker = writer.commit()
+        assert answered and read_commit(store, "part-0", verify=True) == marker
+    finally:
         server.shutdown()
 
 

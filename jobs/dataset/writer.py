@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import tarfile
@@ -32,6 +33,9 @@ from jobs.dataset.layout import SCHEMA, SHARD_ROW_KEY, ShardFiles, member_stem
 from jobs.dataset.store import LockLost, open_store
 from vae.checkpoint import file_sha256
 from vae.errors import describe_error
+
+log = logging.getLogger(__name__)
+MARKER_TRIES, MARKER_RETRY_S = 3, 1.0  # tries to create a commit marker, and the pause between them
 
 # What a latent's JSON sidecar repeats of its row (enough to train without the Parquet file).
 _SIDECAR = (
@@ -262,7 +266,7 @@ class ShardWriter:
             "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": socket.gethostname(),
         }
-        if not self.store.create(self.files.commit, json_bytes(marker)):
+        if not self._create_marker(json_bytes(marker), lost):
             # Another attempt's marker came first (its lock was lost): it, and the files it names, stand.
             existing = read_commit(self.store, self.files.name)
             if existing is None:
@@ -271,6 +275,21 @@ class ShardWriter:
             return existing
         self._placed.clear()  # committed: nothing to take back
         return marker
+
+    def _create_marker(self, data: bytes, lost: threading.Event) -> bool:
+        """Creates the marker (False if one is there), trying again after a failed try, each time
+        after a lease check: a store slow for a moment (on s3 each try is given up within
+        `QUICK_S`) does not throw the shard's encoding away. A try that landed but whose answer was
+        lost is found by the next one, as a marker that is there."""
+        for _ in range(MARKER_TRIES - 1):
+            self._still_held(lost)
+            try:
+                return self.store.create(self.files.commit, data)
+            except Exception as e:
+                log.warning("%s/%s: %s; trying again", self.store, self.files.commit, describe_error(e))
+                time.sleep(MARKER_RETRY_S)
+        self._still_held(lost)
+        return self.store.create(self.files.commit, data)
 
     def _publish(self, staged: Path, rel: str, lost: threading.Event) -> str | None:
         """Publishes a staged file under its final name. Where the store creates names only where they
