@@ -598,7 +598,10 @@ class _Lease(AbstractContextManager[Lost]):
         self._renewer: threading.Thread | None = None
 
     def __enter__(self) -> Lost:
-        while not self._claim():
+        while True:
+            sent = time.monotonic()  # a lease counts from when its request left (dated on arrival), not its answer
+            if self._claim():
+                break
             state = _lease_state(self.bucket, self.key)
             if state is None:
                 continue  # released meanwhile
@@ -608,7 +611,7 @@ class _Lease(AbstractContextManager[Lost]):
             if not self.wait:
                 raise BlockingIOError(f"s3://{self.bucket}/{self.key} is held by {state['owner']}")
             time.sleep(0.5)
-        self.lost.renewed = time.monotonic()
+        self.lost.renewed = sent
         self._renewer = threading.Thread(target=self._renew, name=f"lease {self.key}", daemon=True)
         self._renewer.start()
         return self.lost
@@ -657,6 +660,7 @@ class _Lease(AbstractContextManager[Lost]):
     def _renew(self) -> None:
         client = s3_client()
         while not self._stop.wait(LEASE_S / 4):
+            sent = time.monotonic()  # (see `__enter__`)
             try:
                 if self.store.conditional:
                     self.etag = client.put_object(
@@ -667,7 +671,7 @@ class _Lease(AbstractContextManager[Lost]):
                 else:
                     self._taken()  # another process's lease is there now
                     return
-                self.lost.renewed = time.monotonic()
+                self.lost.renewed = sent
             except client.exceptions.ClientError as e:
                 if _error_code(e) in (*_TAKEN, "NoSuchKey", "404"):
                     self._taken()  # taken over (this process stalled past LEASE_S): stop claiming it

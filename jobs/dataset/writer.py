@@ -280,7 +280,8 @@ class ShardWriter:
         """Creates the marker (False if one is there), trying again after a failed try, each time
         after a lease check: a store slow for a moment (on s3 each try is given up within
         `QUICK_S`) does not throw the shard's encoding away. A try that landed but whose answer was
-        lost is found by the next one, as a marker that is there."""
+        lost is found by the next one, as a marker that is there. Where every try failed, one may
+        still have landed: the files stay (the job's tidy-up removes them if no marker names them)."""
         for _ in range(MARKER_TRIES - 1):
             self._still_held(lost)
             try:
@@ -289,7 +290,11 @@ class ShardWriter:
                 log.warning("%s/%s: %s; trying again", self.store, self.files.commit, describe_error(e))
                 time.sleep(MARKER_RETRY_S)
         self._still_held(lost)
-        return self.store.create(self.files.commit, data)
+        try:
+            return self.store.create(self.files.commit, data)
+        except BaseException:
+            self._placed.clear()
+            raise
 
     def _publish(self, staged: Path, rel: str, lost: threading.Event) -> str | None:
         """Publishes a staged file under its final name. Where the store creates names only where they
@@ -301,7 +306,8 @@ class ShardWriter:
         except FileExistsError:
             version = self.store.version(rel)
             self._still_held(lost)
-            self.store.delete(rel, version)  # (s3: only the leftover seen, within `QUICK_S` of the check)
+            if version is not None:  # (else gone meanwhile)
+                self.store.delete(rel, version)  # (only the leftover seen, within `QUICK_S` of the check)
             return self.store.publish(staged, rel)
 
     def _still_held(self, lost: threading.Event) -> None:

@@ -95,7 +95,7 @@ def run(config: JobConfig, allow_shell: bool = False) -> Summary:
                     pool.shutdown()
                     if not directory.taken:  # (else the job holding it now does: its uploads are not ours)
                         _tidy(plan)
-            still_held(directory, plan)  # (taken over since the last shard: nothing more is written)
+            still_held(directory, plan, taken_only=False)  # (else nothing more is written)
             if summary.complete:
                 write_manifest(plan.root, plan.fingerprint)
             _write_report(plan, summary, started)

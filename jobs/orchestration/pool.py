@@ -459,12 +459,14 @@ def schedule(
         summary.failed[shard.name] = "no encoder actor left (each one died or could not be placed; see the Ray logs)"
 
 
-def still_held(directory: Lost, plan: Plan) -> None:
-    """Raises RunFailed if another job took over the output directory's lock (`Lost.taken`)."""
-    if directory.taken:
+def still_held(directory: Lost, plan: Plan, taken_only: bool = True) -> None:
+    """Raises RunFailed if another job took over the output directory's lock (`Lost.taken`); with
+    `taken_only` false, also once it reads as lost (not renewed for most of a lease's length)."""
+    if directory.taken or (not taken_only and directory.is_set()):
         raise RunFailed(
-            f"another job took over the lock of {plan.root} (this driver's renewals of it failed for a lease's "
-            "length): this job stops and leaves the directory to that job; its committed shards are kept"
+            f"another job took over, or may take over, the lock of {plan.root} (this driver's renewals of it "
+            "failed for most of a lease's length): this job stops and leaves the directory alone; its committed "
+            "shards are kept (a rerun writes the manifest)"
         )
 
 
