@@ -253,6 +253,17 @@ def _relay(s3, monkeypatch, intercept):  # -> ThreadingHTTPServer
     return server
 
 
+def _not_implemented(handler, what: str) -> bool:
+    """Answers a relayed request as a server that lacks `what` does: 501 NotImplemented."""
+    error = f"<Error><Code>NotImplemented</Code><Message>{what}</Message></Error>".encode()
+    handler.send_response(501)
+    handler.send_header("Content-Type", "application/xml")
+    handler.send_header("Content-Length", str(len(error)))
+    handler.end_headers()
+    handler.wfile.write(error)
+    return True
+
+
 @pytest.fixture
 def unconditional(s3, monkeypatch):
     """An S3 server without conditional writes (as older MinIO and Ceph releases are): answers 501
@@ -261,13 +272,7 @@ def unconditional(s3, monkeypatch):
     def refuse_conditions(handler) -> bool:
         if "If-None-Match" not in handler.headers and "If-Match" not in handler.headers:
             return False
-        error = b"<Error><Code>NotImplemented</Code><Message>conditional writes</Message></Error>"
-        handler.send_response(501)
-        handler.send_header("Content-Type", "application/xml")
-        handler.send_header("Content-Length", str(len(error)))
-        handler.end_headers()
-        handler.wfile.write(error)
-        return True
+        return _not_implemented(handler, "conditional writes")
 
     server = _relay(s3, monkeypatch, refuse_conditions)
     yield server
@@ -391,12 +396,7 @@ def test_a_store_that_refuses_the_condition_on_a_completion_only_keeps_it_elsewh
     def refuse_on_completion(handler) -> bool:
         if handler.command != "POST" or "uploadId=" not in handler.path or "If-None-Match" not in handler.headers:
             return False
-        error = b"<Error><Code>NotImplemented</Code><Message>conditional completions</Message></Error>"
-        handler.send_response(501)
-        handler.send_header("Content-Length", str(len(error)))
-        handler.end_headers()
-        handler.wfile.write(error)
-        return True
+        return _not_implemented(handler, "conditional completions")
 
     server = _relay(s3, monkeypatch, refuse_on_completion)
     try:

@@ -572,7 +572,6 @@ class _Held(Lost):
     def __init__(self) -> None:
         super().__init__()
         self.renewed = time.monotonic()
-        self.taken = False
 
     def is_set(self) -> bool:
         if not super().is_set() and time.monotonic() - self.renewed > LEASE_S * 3 / 4:
